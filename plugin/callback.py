@@ -1,0 +1,224 @@
+"""`OGPSACallback`: the projection inside a Hugging Face / LLaMA-Factory trainer.
+
+The training order of one optimizer step, as the trainer runs it with this callback attached:
+
+    on_step_begin        rebuild the subspace if this step is due (step 0, then every K steps):
+                         reference forward/backward with .grad empty before and after, RNG forked
+    for each micro-batch: forward -> backward       (gradients accumulate in .grad; DDP all-reduces
+                                                     on the last micro-batch)
+    clip_grad_norm_                                  (trainer, when max_grad_norm > 0)
+    on_pre_optimizer_step  project: g <- g - U U^T g (once, on the accumulated, synchronised gradient)
+    optimizer.step()
+    zero_grad
+
+So the projected update equals the projection of the accumulated gradient, every data-parallel
+rank projects the same averaged gradient with the same basis, and no reference gradient is ever
+in .grad when the optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .projection import MODES, BasisBuilder, SubspaceBasis, project_
+from .reference import (
+    ReferenceDataError,
+    ReferenceSet,
+    check_registered,
+    num_batches,
+    reference_gradients,
+    tokenize_reference_sets,
+)
+from .settings import OGPSAArguments, OGPSAConfigError
+
+LOG_FILE = "ogpsa_log.jsonl"
+METRIC_PREFIX = "ogpsa/"
+
+
+class OGPSACallback(TrainerCallback):
+    """Builds the capability subspace and projects every optimizer step's gradient onto its complement.
+
+    Bind LLaMA-Factory's parsed arguments with `bind(...)` before the trainer is built (the stage
+    integration does this); the reference sets are tokenised in `on_init_end`, the first basis is
+    built in `on_train_begin`.
+    """
+
+    def __init__(self, settings: OGPSAArguments):
+        if settings.ogpsa_mode not in MODES:
+            raise OGPSAConfigError(f"ogpsa_mode: expected one of {MODES}, got {settings.ogpsa_mode!r}")
+        self.settings = settings
+        self.model_args = self.data_args = self.training_args = self.finetuning_args = None
+        self.refs: list[ReferenceSet] = []
+        self.collator = None
+        self.params: list[torch.nn.Parameter] = []
+        self.basis: Optional[SubspaceBasis] = None
+        self.built_at_step = -1
+        self.rebuilds = 0
+        self._pending: dict[str, list[float]] = defaultdict(list)
+        self._last_stats: dict[str, Any] = {}
+        self._log_path: Optional[str] = None
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def bind(self, model_args, data_args, training_args, finetuning_args, *_ignored) -> None:
+        """Receive LLaMA-Factory's parsed arguments; validate what can be validated before loading."""
+        self.model_args, self.data_args = model_args, data_args
+        self.training_args, self.finetuning_args = training_args, finetuning_args
+        check_supported(training_args, finetuning_args)
+        if isinstance(data_args.dataset_dir, str):
+            check_registered(self.settings.reference_names, data_args.dataset_dir)
+
+    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.data_args is None:
+            raise OGPSAConfigError("OGPSACallback.bind(...) was not called before the trainer was built")
+        from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
+
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        processor = processing_class if processing_class is not tokenizer else None
+        template = get_template_and_fix_tokenizer(tokenizer, self.data_args)
+        self.refs = tokenize_reference_sets(
+            self.settings.reference_names,
+            self.settings.ogpsa_reference_samples,
+            template,
+            tokenizer,
+            processor,
+            self.model_args,
+            self.data_args,
+            args,
+        )
+        self.collator = SFTDataCollatorWith4DAttentionMask(
+            template=template,
+            model=model,
+            pad_to_multiple_of=8,
+            label_pad_token_id=-100,
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+            compute_dtype=self.model_args.compute_dtype,
+            tokenizer=tokenizer,
+            processor=processor,
+        )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise OGPSAConfigError("ogpsa: the model has no trainable parameters")
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self._log_path = os.path.join(args.output_dir, LOG_FILE)
+        self.rebuild(args, state, model)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        k = self.settings.refresh_steps
+        due = k > 0 and state.global_step % k == 0 and state.global_step != self.built_at_step
+        if due:
+            self.rebuild(args, state, model)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        stats = project_([p.grad for p in self.params], self.basis, self.settings.ogpsa_mode)
+        record = {
+            "step": state.global_step + 1,
+            "grad_norm": stats.grad_norm,
+            "removed_fraction": stats.removed_fraction,
+            "projected_blocks": stats.projected_blocks,
+        }
+        for name, cos in zip(self.basis.names, stats.cosines):
+            record[f"cos/{name}"] = cos
+        if self._due_to_log(args, state):
+            # Measured, not assumed: cosine of the projected gradient with each reference gradient.
+            after = project_([p.grad for p in self.params], self.basis, "observe")
+            for name, cos in zip(self.basis.names, after.cosines):
+                record[f"cos_after/{name}"] = cos
+        for key, value in record.items():
+            if key != "step":
+                self._pending[key].append(float(value))
+        self._write(record)
+
+    # ---- rebuild ----------------------------------------------------------------------------
+    def rebuild(self, args, state, model) -> None:
+        """Recompute reference gradients at the current weights and orthonormalise them."""
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        device = self.params[0].device
+        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
+        builder = BasisBuilder([p for p in self.params], len(self.refs), self.settings.ogpsa_granularity)
+        norms, tokens = {}, {}
+        bar = tqdm(
+            total=num_batches(self.refs, batch_size),
+            desc=f"ogpsa rebuild @ step {state.global_step}",
+            disable=not state.is_world_process_zero,
+            leave=False,
+        )
+        with bar:
+            for name, grads, ntok in reference_gradients(
+                model, self.params, self.refs, self.collator, batch_size, device, bar
+            ):
+                if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                    raise ReferenceDataError(
+                        f"ogpsa_reference: the gradient of reference set {name!r} is not finite at step "
+                        f"{state.global_step} (check the data and the learning rate)"
+                    )
+                norms[name] = builder.add(grads, name)
+                tokens[name] = ntok
+                del grads
+        self.basis = builder.finish()
+        self.built_at_step = state.global_step
+        self.rebuilds += 1
+        seconds = time.perf_counter() - start
+        self._pending["rebuild_seconds"].append(seconds)
+        event = {"event": "rebuild", "step": state.global_step, "seconds": round(seconds, 4)}
+        event.update({"rank": self.basis.rank(), "basis_bytes": self.basis.nbytes()})
+        event.update({f"grad_norm/{n}": v for n, v in norms.items()})
+        event.update({f"tokens/{n}": v for n, v in tokens.items()})
+        self._write(event)
+
+    # ---- logging ----------------------------------------------------------------------------
+    @staticmethod
+    def _due_to_log(args, state) -> bool:
+        step = state.global_step + 1
+        if args.logging_first_step and step == 1:
+            return True
+        return args.logging_strategy == "steps" and args.logging_steps > 0 and step % _steps(args, state) == 0
+
+    def pop_log_metrics(self) -> dict[str, float]:
+        """Averages since the last trainer log, under `ogpsa/...` names (merged by the trainer's log)."""
+        out = {METRIC_PREFIX + k: sum(v) / len(v) for k, v in self._pending.items() if v}
+        if self._pending:
+            out[METRIC_PREFIX + "rebuilds"] = float(self.rebuilds)
+        self._pending.clear()
+        return out
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._log_path is None:
+            return
+        with open(self._log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _steps(args, state) -> int:
+    steps = args.logging_steps
+    if isinstance(steps, float) and steps < 1:  # a ratio of max_steps, as transformers allows
+        steps = max(1, int(steps * state.max_steps))
+    return int(steps)
+
+
+def check_supported(training_args, finetuning_args) -> None:
+    """Refuse set-ups where the gradient is not a plain `.grad` per parameter at step time."""
+    if getattr(training_args, "deepspeed", None):
+        raise OGPSAConfigError(
+            "deepspeed: OGPSA does not support DeepSpeed ZeRO yet (gradients are partitioned inside the "
+            "engine, not in param.grad); use DDP (FORCE_TORCHRUN=1 NPROC_PER_NODE=N) - see README, 'Design'"
+        )
+    if getattr(training_args, "fsdp", None):
+        raise OGPSAConfigError(
+            "fsdp: OGPSA does not support FSDP yet (sharded gradients); use DDP - see README, 'Design'"
+        )
+    for flag in ("use_badam", "use_galore", "use_apollo", "use_muon", "use_adam_mini"):
+        if getattr(finetuning_args, flag, False):
+            raise OGPSAConfigError(f"{flag}: not supported together with OGPSA stages")

@@ -1,0 +1,111 @@
+"""Registers the `ogpsa_sft` / `ogpsa_dpo` stages inside LLaMA-Factory's own tuner.
+
+Three small wraps, applied once to the imported `llamafactory.train.tuner` module:
+
+- `_training_function(config)`: when the arguments name an OGPSA stage, split off the `ogpsa_*`
+  keys (validated into `OGPSAArguments`), map the stage to LLaMA-Factory's `sft` / `dpo`, and add
+  an `OGPSACallback` to the callbacks. LLaMA-Factory then runs its own workflow (`run_sft`,
+  `run_dpo`) unchanged. Arguments without OGPSA keys pass through untouched.
+- `get_train_args(args)`: hands the parsed LLaMA-Factory arguments to the pending callback (it
+  needs the data arguments to tokenise the reference sets the way training does).
+- `transformers.Trainer.log`: merges the callback's `ogpsa/...` metrics into the trainer's log
+  record before it is stored and reported (trainer_state.json, tensorboard, wandb, ...).
+
+The same callback works without any patching: `run_exp(args, callbacks=[cb])` after
+`cb.bind(*get_train_args(args))` is all the stage integration does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .callback import OGPSACallback
+from .settings import OGPSAConfigError, split_ogpsa_args
+
+_PENDING: list[OGPSACallback] = []
+_PATCHED = "__ogpsa_patched__"
+
+
+def argv_to_dict(argv: list[str]) -> dict[str, Any]:
+    """`--key value` / `--key=value` command-line arguments as a dict (values parsed as YAML scalars)."""
+    import yaml
+
+    out, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise OGPSAConfigError(f"unexpected command-line argument {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        out[key] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def prepare(args: dict[str, Any] | list[str] | None, callbacks: list | None, where: str = ""):
+    """(stock args, callbacks) for LLaMA-Factory; adds an OGPSACallback for OGPSA stages."""
+    if isinstance(args, list) and any("ogpsa" in a for a in args):
+        args = argv_to_dict(args)
+    if not isinstance(args, dict):
+        return args, callbacks, None
+    settings, stock = split_ogpsa_args(args, where)
+    if settings is None:
+        return args, callbacks, None
+    callback = OGPSACallback(settings)
+    return stock, list(callbacks or []) + [callback], callback
+
+
+def patch_tuner(tuner) -> None:
+    """Wrap `_training_function` and `get_train_args` of `llamafactory.train.tuner` (idempotent)."""
+    if getattr(tuner, _PATCHED, False):
+        return
+    from llamafactory.hparams import read_args
+
+    original_training_function = tuner._training_function
+    original_get_train_args = tuner.get_train_args
+
+    def _training_function(config: dict[str, Any]) -> None:
+        args, callbacks, callback = prepare(read_args(config.get("args")), config.get("callbacks"))
+        if callback is None:
+            return original_training_function(config)
+        _PENDING.append(callback)
+        try:
+            return original_training_function({**config, "args": args, "callbacks": callbacks})
+        finally:
+            _PENDING.remove(callback)
+
+    def get_train_args(args=None):
+        parsed = original_get_train_args(args)
+        if _PENDING:
+            _PENDING[-1].bind(*parsed)
+        return parsed
+
+    tuner._training_function = _training_function
+    tuner.get_train_args = get_train_args
+    setattr(tuner, _PATCHED, True)
+    patch_trainer_log()
+
+
+def patch_trainer_log() -> None:
+    """Make `Trainer.log` merge `ogpsa/...` metrics of an attached OGPSACallback (idempotent)."""
+    from transformers import Trainer
+
+    if getattr(Trainer.log, _PATCHED, False):
+        return
+    original_log = Trainer.log
+
+    def log(self, logs: dict[str, float], *args, **kwargs):
+        # Only training-step records carry a loss and no eval_/train_ summary keys.
+        if "loss" in logs and not any(k.startswith(("eval_", "train_")) for k in logs):
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, OGPSACallback):
+                    logs.update(cb.pop_log_metrics())
+        return original_log(self, logs, *args, **kwargs)
+
+    setattr(log, _PATCHED, True)
+    log.__doc__ = original_log.__doc__
+    Trainer.log = log

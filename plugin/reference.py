@@ -1,0 +1,182 @@
+"""Reference sets: tokenised once through LLaMA-Factory's own data pipeline, and their gradients.
+
+A reference set is an SFT-format dataset registered in the run's `dataset_info.json`. It goes
+through `llamafactory.data.get_dataset` with the run's template, cutoff and tokenizer (so the
+loss is the NLL of the answers exactly as training would see them), is tokenised once when the
+trainer is built, and is reused by every rebuild.
+
+Gradients: set j's gradient is that of the mean answer-token NLL over its samples, taken over
+the trainable parameters only (LoRA: the adapters). Under data parallelism each rank takes every
+world_size-th sample, sums token NLLs, and the sums and token counts are all-reduced, so every
+rank ends with the same average gradient as one process over all samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .settings import OGPSAConfigError
+
+IGNORE_INDEX = -100
+
+
+class ReferenceDataError(OGPSAConfigError):
+    """A reference set that cannot be used (unknown, empty, non-finite gradient)."""
+
+
+def check_registered(names: list[str], dataset_dir: str) -> None:
+    """Fail early, naming the file, when a reference set is not in `dataset_info.json`."""
+    if dataset_dir == "ONLINE" or dataset_dir.startswith("REMOTE:"):
+        return  # resolved by LLaMA-Factory against the Hub; errors surface when loading
+    path = os.path.join(dataset_dir, "dataset_info.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise ReferenceDataError(f"ogpsa_reference: {path} does not exist (dataset_dir: {dataset_dir!r})") from None
+    except json.JSONDecodeError as e:
+        raise ReferenceDataError(f"ogpsa_reference: {path} is not valid JSON ({e})") from None
+    missing = [n for n in names if n not in info]
+    if missing:
+        raise ReferenceDataError(
+            f"ogpsa_reference: {', '.join(missing)} not found in {path} (registered: {', '.join(sorted(info))})"
+        )
+    for n in names:
+        if info[n].get("ranking"):
+            raise ReferenceDataError(f"ogpsa_reference: {n} in {path} is a preference (ranking) dataset; use SFT data")
+
+
+@dataclass
+class ReferenceSet:
+    name: str
+    features: list[dict[str, Any]]  # tokenised rows: input_ids, attention_mask, labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def tokenize_reference_sets(
+    names: list[str], samples: int, template, tokenizer, processor, model_args, data_args, training_args
+) -> list[ReferenceSet]:
+    """Tokenise each reference set once with the run's template and cutoff (LLaMA-Factory pipeline)."""
+    from llamafactory.data import get_dataset
+
+    sets = []
+    for name in names:
+        ref_args = dataclasses.replace(
+            data_args,
+            dataset=[name],
+            eval_dataset=None,
+            val_size=0.0,
+            max_samples=samples,
+            tokenized_path=None,
+            streaming=False,
+            packing=False,
+            neat_packing=False,
+        )
+        try:
+            module = get_dataset(template, model_args, ref_args, training_args, "sft", tokenizer, processor)
+        except Exception as e:  # LLaMA-Factory's own loader message, prefixed with the set
+            raise ReferenceDataError(f"ogpsa_reference: cannot load reference set {name!r}: {e}") from e
+        data = module.get("train_dataset")
+        rows = [] if data is None else [{k: row[k] for k in ("input_ids", "attention_mask", "labels")} for row in data]
+        rows = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"])]
+        if not rows:
+            raise ReferenceDataError(
+                f"ogpsa_reference: reference set {name!r} has no usable samples "
+                f"(empty, or every answer cut off by cutoff_len={data_args.cutoff_len})"
+            )
+        sets.append(ReferenceSet(name, rows))
+    return sets
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard_batches(ref: ReferenceSet, batch_size: int, collator, device) -> Iterator[dict[str, torch.Tensor]]:
+    rank, world = _world()
+    mine = ref.features[rank::world]
+    for start in range(0, len(mine), batch_size):
+        batch = collator([dict(f) for f in mine[start : start + batch_size]])
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    if _world()[1] == 1:
+        return
+    works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in tensors]
+    for w in works:
+        w.wait()
+
+
+@contextlib.contextmanager
+def _isolated(model: torch.nn.Module, params: list[torch.nn.Parameter], device: torch.device):
+    """Train mode (as the training forward), forked RNG, and empty .grad in and out.
+
+    On exit every .grad is None again, so nothing computed here can reach the optimizer, and the
+    RNG streams (dropout, data order) are exactly as they were: training proceeds as if the
+    rebuild had not happened.
+    """
+    was_training = model.training
+    saved = [p.grad for p in params]
+    if any(g is not None for g in saved):
+        raise RuntimeError("ogpsa: reference gradients requested while training gradients are pending")
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
+        model.train()
+        try:
+            yield
+        finally:
+            for p in params:
+                p.grad = None
+            model.train(was_training)
+
+
+def reference_gradients(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    refs: list[ReferenceSet],
+    collator,
+    batch_size: int,
+    device: torch.device,
+    progress=None,
+) -> Iterator[tuple[str, list[torch.Tensor], int]]:
+    """Yield (name, gradient per parameter, token count) for each reference set, one at a time.
+
+    The gradient tensors are detached copies owned by the caller; `.grad` is None between sets
+    and after the last. `progress` (a tqdm-like object) is advanced once per micro-batch.
+    """
+    with _isolated(model, params, device):
+        for ref in refs:
+            tokens = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in _shard_batches(ref, batch_size, collator, device):
+                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                loss = model(**batch).loss  # mean NLL over this batch's answer tokens
+                (loss * n).backward()  # -> sum of token NLLs, so sets weight tokens equally
+                tokens += n
+                if progress is not None:
+                    progress.update(1)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            for p in params:
+                p.grad = None
+            _all_reduce_sum([tokens, *grads])
+            total = int(tokens.item())
+            scale = 1.0 / max(total, 1)
+            torch._foreach_mul_(grads, scale)
+            yield ref.name, grads, total
+
+
+def num_batches(refs: list[ReferenceSet], batch_size: int) -> int:
+    rank, world = _world()
+    return sum(-(-len(r.features[rank::world]) // batch_size) for r in refs)

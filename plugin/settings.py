@@ -1,0 +1,158 @@
+"""OGPSA settings: the `ogpsa_*` keys of a LLaMA-Factory YAML, typed and validated before training."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+# Stage names this package registers, and the LLaMA-Factory workflow each one runs.
+OGPSA_STAGES = {"ogpsa_sft": "sft", "ogpsa_dpo": "dpo"}
+# Paper defaults (arXiv 2602.07892): rebuild every 30 optimizer steps in SFT, every 5 in DPO.
+DEFAULT_REFRESH = {"ogpsa_sft": 30, "ogpsa_dpo": 5}
+PREFIX = "ogpsa_"
+
+
+class OGPSAConfigError(ValueError):
+    """Bad OGPSA settings; the message names the key (and the file when known)."""
+
+
+@dataclass
+class OGPSAArguments:
+    """Settings of an `ogpsa_sft` / `ogpsa_dpo` stage (YAML keys are the field names)."""
+
+    ogpsa_reference: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated reference datasets (names in the run's dataset_info.json, SFT format). "
+            "Each set contributes one gradient direction to the capability subspace. Required."
+        },
+    )
+    ogpsa_reference_samples: int = field(
+        default=100, metadata={"help": "Samples drawn from each reference set (the first N rows)."}
+    )
+    ogpsa_refresh_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Rebuild the subspace every K optimizer steps (default 30 for ogpsa_sft, 5 for ogpsa_dpo); "
+            "0 builds it once at the start of the stage."
+        },
+    )
+    ogpsa_granularity: Literal["tensor", "global"] = field(
+        default="tensor",
+        metadata={
+            "help": "'tensor': project each parameter's gradient against its own slice of the reference "
+            "gradients (released code); 'global': the whole model is one vector (paper's derivation)."
+        },
+    )
+    ogpsa_mode: Literal["project", "conflict", "observe"] = field(
+        default="project",
+        metadata={
+            "help": "'project': always remove the in-subspace component; 'conflict': only where the gradient "
+            "points against a reference gradient (A-GEM style); 'observe': log cosines, change nothing."
+        },
+    )
+    ogpsa_reference_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Micro-batch size for reference gradients (default: per_device_train_batch_size)."},
+    )
+
+    # ---- derived, filled by `resolve` ----
+    stage: str = field(default="", metadata={"help": "internal: the ogpsa stage name"})
+
+    @property
+    def reference_names(self) -> list[str]:
+        return [n.strip() for n in self.ogpsa_reference.split(",") if n.strip()]
+
+    @property
+    def refresh_steps(self) -> int:
+        return DEFAULT_REFRESH[self.stage] if self.ogpsa_refresh_steps is None else self.ogpsa_refresh_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(PREFIX)}
+
+
+def user_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(OGPSAArguments) if f.name.startswith(PREFIX)]
+
+
+def _check_type(key: str, value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` if it fits `annotation` (int, str, Literal, Optional[...]); raise otherwise."""
+    hint = typing.get_type_hints(OGPSAArguments)[key] if annotation is None else annotation
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise OGPSAConfigError(f"{where}{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OGPSAConfigError(f"{where}{key}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if hint is str:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        if not isinstance(value, str):
+            raise OGPSAConfigError(f"{where}{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug in this module, not in input
+
+
+def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[Optional[OGPSAArguments], dict[str, Any]]:
+    """Split a LLaMA-Factory argument dict into (OGPSA settings or None, the stock arguments).
+
+    The stock arguments get the mapped stage (`ogpsa_sft` -> `sft`). Raises `OGPSAConfigError`
+    for unknown `ogpsa_*` keys, wrong types, out-of-range values, a missing reference, or
+    `ogpsa_*` keys on a stage that cannot use them. `where` prefixes messages (e.g. a file name).
+    """
+    stage = args.get("stage", "sft")
+    ours = {k: v for k, v in args.items() if isinstance(k, str) and k.startswith(PREFIX)}
+    rest = {k: v for k, v in args.items() if k not in ours}
+    if stage not in OGPSA_STAGES:
+        if ours:
+            raise OGPSAConfigError(
+                f"{where}{', '.join(sorted(ours))}: ogpsa_* keys need `stage: ogpsa_sft` or `stage: ogpsa_dpo`, "
+                f"but the stage is {stage!r}"
+            )
+        return None, args
+    known = {f.name for f in user_fields()}
+    unknown = sorted(set(ours) - known)
+    if unknown:
+        raise OGPSAConfigError(f"{where}{', '.join(unknown)}: unknown OGPSA key(s); known keys: {sorted(known)}")
+    values = {k: _check_type(k, v, None, where) for k, v in ours.items()}
+    settings = OGPSAArguments(**values, stage=stage)
+    validate(settings, where)
+    rest["stage"] = OGPSA_STAGES[stage]
+    return settings, rest
+
+
+def validate(settings: OGPSAArguments, where: str = "") -> None:
+    if not settings.reference_names:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_reference: required for stage {settings.stage} "
+            "(comma-separated dataset names from dataset_info.json, e.g. gsm8k_ref,alpaca_ref,hhh_ref)"
+        )
+    if len(set(settings.reference_names)) != len(settings.reference_names):
+        raise OGPSAConfigError(f"{where}ogpsa_reference: a dataset is named twice: {settings.ogpsa_reference!r}")
+    if settings.ogpsa_reference_samples < 1:
+        raise OGPSAConfigError(f"{where}ogpsa_reference_samples: must be >= 1, got {settings.ogpsa_reference_samples}")
+    if settings.ogpsa_refresh_steps is not None and settings.ogpsa_refresh_steps < 0:
+        raise OGPSAConfigError(f"{where}ogpsa_refresh_steps: must be >= 0, got {settings.ogpsa_refresh_steps}")
+    if settings.ogpsa_reference_batch_size is not None and settings.ogpsa_reference_batch_size < 1:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_reference_batch_size: must be >= 1, got {settings.ogpsa_reference_batch_size}"
+        )
+
+
+def help_text() -> str:
+    """The keys with their defaults and help, for `ogpsa train --help-ogpsa` and the README."""
+    lines = []
+    for f in user_fields():
+        lines.append(f"  {f.name} (default {f.default!r}): {f.metadata['help']}")
+    return "\n".join(lines)
