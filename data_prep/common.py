@@ -81,17 +81,18 @@ def parse_hub_spec(source: str, config: str | None, split: str) -> tuple[str, st
 def load_hub(source: str, config: str | None, split: str) -> list[Record]:
     """Rows of one Hub split via `datasets.load_dataset`; unreachable Hub -> DataPrepError."""
     hub_id, config, split = parse_hub_spec(source, config, split)
+    where = f"{hub_id}:{config}@{split}" if config else f"{hub_id}@{split}"
     try:
         import datasets
 
         ds = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as exc:  # offline, missing repo/config/split: all are input errors here
+    except Exception as exc:  # noqa: BLE001 - offline, missing repo/config/split: all input errors here
         detail = " ".join(str(exc).split())[:200]
         raise DataPrepError(
-            f"{source}: cannot load from the Hugging Face Hub (config {config!r}, split {split!r}): "
-            f"{type(exc).__name__}: {detail}; offline? pass local .parquet/.jsonl/.json files or a folder instead"
+            f"{source}: cannot load from the Hugging Face Hub ({where}): "
+            f"{type(exc).__name__}: {detail}; no local path of that name either; offline? pass local "
+            ".parquet/.jsonl/.json files or a folder instead"
         ) from None
-    where = f"{hub_id}:{config}@{split}" if config else f"{hub_id}@{split}"
     return [Record(where, i, dict(row)) for i, row in enumerate(ds)]
 
 
@@ -141,7 +142,7 @@ def _read_parquet(path: Path) -> list[Record]:
 
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise DataPrepError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from None
     return [Record(str(path), i, row) for i, row in enumerate(rows)]
 
@@ -243,6 +244,8 @@ def write_outputs(
 
 def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0o022)
+    os.umask(umask)
     temps: dict[str, str] = {}
     try:
         for file_name, blob in blobs.items():
@@ -250,6 +253,7 @@ def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
             temps[file_name] = tmp
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         for file_name, tmp in temps.items():  # registry last: it only names files already in place
             os.replace(tmp, out / file_name)
     finally:

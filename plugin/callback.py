@@ -174,6 +174,7 @@ class OGPSACallback(TrainerCallback):
         self._pending["rebuild_seconds"].append(seconds)
         event = {"event": "rebuild", "step": state.global_step, "seconds": round(seconds, 4)}
         event.update({"rank": self.basis.rank(), "basis_bytes": self.basis.nbytes()})
+        event.update({"params": len(self.params), "param_numel": sum(p.numel() for p in self.params)})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
         event.update({f"tokens/{n}": v for n, v in tokens.items()})
         self._write(event)

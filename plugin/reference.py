@@ -85,7 +85,10 @@ def tokenize_reference_sets(
         try:
             module = get_dataset(template, model_args, ref_args, training_args, "sft", tokenizer, processor)
         except Exception as e:  # LLaMA-Factory's own loader message, prefixed with the set
-            raise ReferenceDataError(f"ogpsa_reference: cannot load reference set {name!r}: {e}") from e
+            raise ReferenceDataError(
+                f"ogpsa_reference: reference set {name!r} is empty or cannot be loaded (dataset_dir "
+                f"{data_args.dataset_dir!r}): {e}"
+            ) from e
         data = module.get("train_dataset")
         rows = [] if data is None else [{k: row[k] for k in ("input_ids", "attention_mask", "labels")} for row in data]
         rows = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"])]
