@@ -10,6 +10,7 @@ Layout of DIR:
     data/dataset_info.json  LLaMA-Factory dataset registry for the files below
     data/toy_safety_sft.json    harmful prompts -> refusals, mixed with benign prompts -> answers
     data/toy_safety_dpo.json    harmful prompts, chosen refusal vs rejected compliance (ranking)
+    data/toy_dpo_chosen.json    the DPO prompts with their chosen answers, in SFT format
     data/toy_math_ref.json, toy_general_ref.json, toy_hhh_ref.json   reference sets (capability)
     data/toy_math_eval.json, toy_general_eval.json, toy_hhh_eval.json held-out capability probes
     data/toy_harmful_eval.json, toy_benign_eval.json                   held-out safety probes
@@ -105,6 +106,8 @@ def build_rows(seed: int = 0, n_train: int = 32, n_ref: int = 16, n_eval: int = 
         "toy_safety_dpo": [
             {"instruction": p, "input": "", "chosen": REFUSAL, "rejected": _comply(p)} for p in harm_train
         ],
+        # the DPO pairs' chosen answers as an SFT set: measures whether DPO raises their likelihood
+        "toy_dpo_chosen": [{"instruction": p, "input": "", "output": REFUSAL} for p in harm_train],
         "toy_math_ref": unique(_math_row, n_ref, taken),
         "toy_general_ref": unique(_general_row, n_ref, taken),
         "toy_hhh_ref": unique(_hhh_row, n_ref, taken),

@@ -19,6 +19,7 @@ in .grad when the optimizer steps.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -37,6 +38,8 @@ from .reference import (
     tokenize_reference_sets,
 )
 from .settings import OGPSAArguments, OGPSAConfigError
+
+logger = logging.getLogger(__name__)
 
 LOG_FILE = "ogpsa_log.jsonl"
 METRIC_PREFIX = "ogpsa/"
@@ -168,6 +171,9 @@ class OGPSACallback(TrainerCallback):
                 tokens[name] = ntok
                 del grads
         self.basis = builder.finish()
+        spread = rank_spread(self.basis)
+        if spread != 0.0:
+            logger.warning(f"ogpsa: data-parallel ranks hold different bases (spread {spread:.3e})")
         self.built_at_step = state.global_step
         self.rebuilds += 1
         seconds = time.perf_counter() - start
@@ -175,6 +181,7 @@ class OGPSACallback(TrainerCallback):
         event = {"event": "rebuild", "step": state.global_step, "seconds": round(seconds, 4)}
         event.update({"rank": self.basis.rank(), "basis_bytes": self.basis.nbytes()})
         event.update({"params": len(self.params), "param_numel": sum(p.numel() for p in self.params)})
+        event.update({"world_size": args.world_size, "rank_spread": spread})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
         event.update({f"tokens/{n}": v for n, v in tokens.items()})
         self._write(event)
@@ -200,6 +207,27 @@ class OGPSACallback(TrainerCallback):
             return
         with open(self._log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def rank_spread(basis: SubspaceBasis) -> float:
+    """Largest difference across data-parallel ranks of a fingerprint of the basis (0.0 = identical).
+
+    The fingerprint (sums of the coordinates, reference norms and one projection of a fixed
+    vector) is cheap and changes with any difference in the reference gradients or the rows.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    device = basis.ref_norms.device
+    probe = [torch.ones_like(d[0]) if d.shape[0] else None for d in basis.directions]
+    parts = [basis.ref_norms.sum()] + [c.sum() for c in basis.coords]
+    parts += [(d.float() @ p.float()).sum() for d, p in zip(basis.directions, probe) if p is not None]
+    fingerprint = torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum().reshape(1)
+    gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    values = torch.cat(gathered)
+    return float(values.max() - values.min())
 
 
 def _steps(args, state) -> int:

@@ -22,6 +22,7 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
 }
+ENV["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun for FORCE_TORCHRUN=1
 os.environ.update(ENV)
 
 
