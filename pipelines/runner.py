@@ -1,0 +1,219 @@
+"""Runs a recipe: each stage through `llamafactory-cli train`, chained, resumable.
+
+Handoff: a stage trains from the previous stage's result. Full and freeze fine-tuning pass the
+saved model folder; LoRA merges the stage's adapter into the model it started from with
+LLaMA-Factory's own export (`<NN>_<name>/merged`) and passes that. The DPO reference model is
+therefore the DPO stage's starting model (LLaMA-Factory's default when `ref_model` is unset).
+OGPSA stages rebuild the capability subspace at their first step against that starting model.
+
+State lives in `<output_dir>/pipeline.json` (written atomically). Running the same command again
+skips stages whose identity (arguments, starting model, the chain before) is unchanged and that
+finished; a stage that was interrupted resumes from its last checkpoint (LLaMA-Factory's own
+resume); a changed stage, and every stage after it, reruns from scratch; `force=true` (or
+`ogpsa train RECIPE --force`) reruns everything.
+
+Each stage is a child process (`python -m ogpsa.pipelines.cli train <stage>.yaml`) that inherits
+the environment, so FORCE_TORCHRUN / NPROC_PER_NODE and a `deepspeed:` key behave as in a single
+stock LLaMA-Factory run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+
+from .recipe import Recipe, RecipeError, StageSpec, load, stage_hash
+
+STATE_FILE = "pipeline.json"
+
+
+def run_recipe(path: str, overrides: list[str] | None = None) -> int:
+    """Entry of `llamafactory-cli train RECIPE` / `ogpsa train RECIPE`; returns an exit code."""
+    overrides = list(overrides or [])
+    if "--force" in overrides:
+        overrides = [o for o in overrides if o != "--force"] + ["force=true"]
+    recipe = load(path, overrides)
+    return Pipeline(recipe).run()
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.root = os.path.abspath(recipe.output_dir)
+        self.state_path = os.path.join(self.root, STATE_FILE)
+        self.state = self._load_state()
+
+    # ---- orchestration -------------------------------------------------------------------------
+    def run(self) -> int:
+        os.makedirs(self.root, exist_ok=True)
+        base = self.recipe.base_model
+        start_model = os.path.abspath(base) if os.path.isdir(base) else base  # a local folder or a Hub id
+        previous_hash, changed = "", self.recipe.force
+        self._eval_base(start_model)
+        for spec in self.recipe.stages:
+            identity = stage_hash(spec, start_model, previous_hash)
+            record = self._record(spec)
+            done = record.get("status") == "done" and record.get("hash") == identity and not changed
+            if done and os.path.isdir(record.get("model", "")):
+                _say(f"stage {spec.dirname}: unchanged and done, skipped")
+            else:
+                changed = changed or record.get("hash") != identity
+                fresh = changed or record.get("status") not in ("running", "failed")
+                code = self._run_stage(spec, record, identity, start_model, fresh)
+                if code != 0:
+                    return code
+            self._evaluate(spec, record)
+            start_model, previous_hash = record["model"], identity
+        _say(f"pipeline done: {self.state_path}")
+        return 0
+
+    def _run_stage(self, spec: StageSpec, record: dict, identity: str, start_model: str, fresh: bool) -> int:
+        out = os.path.join(self.root, spec.dirname)
+        if fresh:
+            record.clear()
+            if os.path.isdir(out):
+                shutil.rmtree(out)  # a changed stage restarts; its old results would mislead resume
+        os.makedirs(out, exist_ok=True)
+        args = {**spec.args, "model_name_or_path": start_model, "output_dir": out, "overwrite_output_dir": False}
+        record.update(name=spec.name, stage=spec.stage, hash=identity, start_model=start_model, output=out)
+        record.update(status="running", resumed=not fresh, eval=None)
+        self._save()
+        _say(f"stage {spec.dirname} ({spec.stage}) from {start_model}" + ("" if fresh else " (resuming)"))
+        started = time.time()
+        trained = os.path.exists(os.path.join(out, "train_results.json"))  # failed after training
+        code = 0 if trained else _launch(["train", _write_yaml(out, "stage_config.yaml", args)])
+        if code == 0 and args.get("finetuning_type", "lora") == "lora":
+            code = self._merge_lora(args, out)
+        record["wall_seconds"] = round(time.time() - started + record.get("wall_seconds_before", 0.0), 2)
+        if code != 0:
+            record["status"] = "failed"
+            record["wall_seconds_before"] = record["wall_seconds"]
+            self._save()
+            sys.stderr.write(f"ogpsa: stage {spec.name!r} failed (exit {code}); rerun the same command to resume\n")
+            return code
+        record.pop("wall_seconds_before", None)
+        record.update(status="done", model=record.get("model_dir", out), metrics=summarize(out))
+        self._save()
+        return 0
+
+    def _merge_lora(self, args: dict, out: str) -> int:
+        merged = os.path.join(out, "merged")
+        export = {
+            "model_name_or_path": args["model_name_or_path"],
+            "adapter_name_or_path": out,
+            "template": args.get("template", "default"),
+            "finetuning_type": "lora",
+            "export_dir": merged,
+        }
+        for key in ("trust_remote_code", "cache_dir"):
+            if key in args:
+                export[key] = args[key]
+        code = _launch(["export", _write_yaml(out, "export_config.yaml", export)], llamafactory=True)
+        if code == 0:
+            self._record_by_output(out)["model_dir"] = merged
+        return code
+
+    # ---- evaluation (optional `eval:` block) ---------------------------------------------------
+    def _eval_base(self, model: str) -> None:
+        if self.recipe.eval and not self.state.get("eval_base"):
+            self.state["eval_base"] = self._evaluate_model(model)
+            self._save()
+
+    def _evaluate(self, spec: StageSpec, record: dict) -> None:
+        if self.recipe.eval and not record.get("eval"):
+            record["eval"] = self._evaluate_model(record["model"])
+            self._save()
+
+    def _evaluate_model(self, model: str) -> dict:
+        from .evaluate import EvalConfig, evaluate_model
+
+        return evaluate_model(model, EvalConfig.from_dict(self.recipe.eval, where=f"{self.recipe.path}: eval."))
+
+    # ---- state ------------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        if os.path.exists(self.state_path):
+            with open(self.state_path, encoding="utf-8") as f:
+                state = json.load(f)
+        else:
+            state = {"stages": []}
+        state.update(recipe=self.recipe.path, recipe_sha256=self.recipe.sha256)
+        names = [s.name for s in self.recipe.stages]
+        by_name = {r.get("name"): r for r in state.get("stages", [])}
+        state["stages"] = [by_name.get(n, {"name": n, "status": "pending"}) for n in names]
+        return state
+
+    def _record(self, spec: StageSpec) -> dict:
+        return self.state["stages"][spec.index]
+
+    def _record_by_output(self, out: str) -> dict:
+        return next(r for r in self.state["stages"] if r.get("output") == out)
+
+    def _save(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+
+def summarize(out: str) -> dict[str, Any]:
+    """Key metrics of a finished stage: final loss and the OGPSA summary."""
+    metrics: dict[str, Any] = {}
+    results = os.path.join(out, "train_results.json")
+    if os.path.exists(results):
+        with open(results, encoding="utf-8") as f:
+            metrics.update(json.load(f))
+    log_path = os.path.join(out, "ogpsa_log.jsonl")
+    if os.path.exists(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        steps = [r for r in rows if "removed_fraction" in r]
+        rebuilds = [r for r in rows if r.get("event") == "rebuild"]
+        summary = {
+            "rebuilds": len(rebuilds),
+            "rebuild_seconds": round(sum(r["seconds"] for r in rebuilds), 4),
+            "mean_removed_fraction": sum(r["removed_fraction"] for r in steps) / max(len(steps), 1),
+        }
+        for key in sorted({k for r in steps for k in r if k.startswith("cos/")}):
+            summary[f"mean_{key}"] = sum(r.get(key, 0.0) for r in steps) / max(len(steps), 1)
+        metrics["ogpsa"] = summary
+    return metrics
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pipeline.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_yaml(directory: str, name: str, args: dict) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(args, f, sort_keys=False)
+    return path
+
+
+def _launch(argv: list[str], llamafactory: bool = False) -> int:
+    """A child Python that runs one LLaMA-Factory command with the OGPSA hook armed."""
+    module = "llamafactory.cli" if llamafactory else "ogpsa.pipelines.cli"
+    return subprocess.call([sys.executable, "-m", module, *argv])
+
+
+def _say(message: str) -> None:
+    print(f"[ogpsa pipeline] {message}", flush=True)
+
+
+__all__ = ["run_recipe", "Pipeline", "RecipeError", "summarize", "STATE_FILE"]

@@ -1,0 +1,153 @@
+"""The SFT -> DPO pipeline runner: recipes, handoff, resume, validation."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, ENV, load_state, ogpsa_log
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def run_recipe(tmp_path, *overrides, recipe=ROOT / "recipes" / "tiny_sft_dpo.yaml", cli="llamafactory-cli", check=True):
+    proc = subprocess.run([str(BIN / cli), "train", str(recipe), *overrides], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, **ENV}, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def assets(tiny, tmp_path):
+    """The tiny assets where the tiny recipe expects them (runs/tiny_assets under the cwd)."""
+    target = tmp_path / "runs" / "tiny_assets"
+    target.parent.mkdir(parents=True)
+    shutil.copytree(Path(tiny["model"]).parent, target)
+    return target
+
+
+def state(tmp_path, name="tiny_sft_dpo"):
+    return json.loads((tmp_path / "runs" / name / "pipeline.json").read_text())
+
+
+def max_diff(a, b):
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_validates(recipe, tmp_path):
+    from ogpsa.pipelines import recipe as recipes
+
+    raw = yaml.safe_load(recipe.read_text())
+    assert recipe.read_text().startswith("#"), "recipes start with a header comment"
+    assert "llamafactory-cli train recipes/" in recipe.read_text() and "###" in recipe.read_text()
+    # a dataset_info.json with every dataset the recipe names, in the right format
+    info = {}
+    for stage in raw["stages"]:
+        for name in str(stage.get("dataset", raw.get("dataset", ""))).split(","):
+            info[name.strip()] = {"file_name": "x.json", "ranking": stage["stage"].endswith("dpo")}
+    for name in str(raw.get("ogpsa_reference", "")).split(","):
+        if name.strip():
+            info[name.strip()] = {"file_name": "x.json"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    parsed = recipes.load(str(recipe), [f"dataset_dir={tmp_path}"])
+    assert [s.stage for s in parsed.stages][-1].endswith("dpo")
+    assert parsed.stages[0].args["do_train"] is True
+
+
+def test_tiny_pipeline_full_handoff_and_rerun(assets, tmp_path):
+    proc = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6")
+    st = state(tmp_path)
+    root = tmp_path / "runs" / "tiny_sft_dpo"
+    sft, dpo = st["stages"]
+    assert [sft["status"], dpo["status"]] == ["done", "done"]
+    assert dpo["start_model"] == sft["model"] == str(root / "01_sft")
+    assert sft["metrics"]["ogpsa"]["rebuilds"] == 6 and dpo["metrics"]["ogpsa"]["rebuilds"] == 4
+    # stage 2 trained from stage 1's weights: with a tiny DPO learning rate it stays next to them
+    w0, w1, w2 = load_state(assets / "model"), load_state(root / "01_sft"), load_state(root / "02_dpo")
+    assert max_diff(w2, w1) < 1e-3 * max_diff(w1, w0)
+    # the subspace was rebuilt at the DPO stage's first step, against that stage's start
+    assert ogpsa_log(root / "02_dpo")[0]["event"] == "rebuild" and ogpsa_log(root / "02_dpo")[0]["step"] == 0
+    # same command again: both stages skipped, nothing retrained
+    mtime = (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns
+    again = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6")
+    assert again.stdout.count("unchanged and done, skipped") == 2
+    assert (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns == mtime
+    # editing the DPO stage reruns only it; editing SFT reruns both
+    edit_dpo = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6", "dpo.pref_beta=0.2")
+    assert "01_sft: unchanged and done, skipped" in edit_dpo.stdout and "stage 02_dpo (ogpsa_dpo)" in edit_dpo.stdout
+    edit_sft = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6", "dpo.pref_beta=0.2", "sft.num_train_epochs=1")
+    assert "skipped" not in edit_sft.stdout
+    assert state(tmp_path)["stages"][0]["metrics"]["ogpsa"]["rebuilds"] == 3
+
+
+def test_interrupted_stage_resumes_from_checkpoint(assets, tmp_path):
+    run_recipe(tmp_path)
+    root = tmp_path / "runs" / "tiny_sft_dpo"
+    st = state(tmp_path)
+    # make the DPO stage look killed after its first checkpoint (step 4 of 8)
+    st["stages"][1]["status"] = "running"
+    (root / "pipeline.json").write_text(json.dumps(st))
+    for name in ("model.safetensors", "train_results.json", "trainer_state.json", "all_results.json"):
+        (root / "02_dpo" / name).unlink()
+    shutil.rmtree(root / "02_dpo" / "checkpoint-8")
+    proc = run_recipe(tmp_path)
+    assert "01_sft: unchanged and done, skipped" in proc.stdout and "(resuming)" in proc.stdout
+    assert "Resuming training from" in proc.stderr + proc.stdout
+    trainer_state = json.loads((root / "02_dpo" / "trainer_state.json").read_text())
+    assert trainer_state["global_step"] == 8
+    assert [h["step"] for h in trainer_state["log_history"] if "loss" in h][-4:] == [5, 6, 7, 8]
+    assert state(tmp_path)["stages"][1]["status"] == "done" and state(tmp_path)["stages"][1]["resumed"] is True
+
+
+def test_tiny_pipeline_lora_merges_between_stages(assets, tmp_path):
+    run_recipe(tmp_path, "finetuning_type=lora", "lora_target=all", "learning_rate=1.0e-2", "output_dir=runs/lora",
+               "dpo.learning_rate=1.0e-6", "sft.num_train_epochs=1", cli="ogpsa")
+    st = state(tmp_path, "lora")
+    root = tmp_path / "runs" / "lora"
+    sft, dpo = st["stages"]
+    assert sft["model"] == str(root / "01_sft" / "merged") == dpo["start_model"]
+    assert dpo["model"] == str(root / "02_dpo" / "merged")
+    w0, w1, w2 = (load_state(p) for p in (assets / "model", root / "01_sft/merged", root / "02_dpo/merged"))
+    assert max_diff(w1, w0) > 1e-4  # the SFT adapter was merged into the weights
+    assert max_diff(w2, w1) < 1e-2 * max_diff(w1, w0)
+
+
+BAD = {
+    "unknown_key": (["sft.learnin_rate=1"], "stage 'sft': learnin_rate: unknown LLaMA-Factory key"),
+    "unknown_stage": (["dpo.stage=ppo"], "stage 'dpo': stage: unknown stage type 'ppo'"),
+    "missing_dataset": (["sft.dataset=nope"], "stage 'sft': dataset: 'nope' not found in"),
+    "missing_reference": (["ogpsa_reference=toy_math_ref,nope_ref"], "ogpsa_reference: 'nope_ref' not found"),
+    "dpo_without_pairs": (["dpo.dataset=toy_safety_sft"], "stage 'dpo': dataset: 'toy_safety_sft' is not preference"),
+    "sft_with_pairs": (["sft.dataset=toy_safety_dpo"], "stage 'sft': dataset: 'toy_safety_dpo' is not SFT data"),
+    "bad_ogpsa_value": (["sft.ogpsa_refresh_steps=-1"], "stage 'sft': ogpsa_refresh_steps: must be >= 0"),
+    "managed_key": (["sft.output_dir=elsewhere"], "stage 'sft': output_dir: set by the pipeline runner"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipes_rejected_before_training(assets, tmp_path, case):
+    overrides, message = BAD[case]
+    from ogpsa.pipelines import recipe as recipes
+
+    os.chdir(tmp_path)
+    with pytest.raises(recipes.OGPSAConfigError) as err:
+        recipes.load(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), overrides)
+    assert message in str(err.value)
+
+
+def test_bad_recipe_cli_exit_code_and_nothing_written(assets, tmp_path):
+    recipe = tmp_path / "dup.yaml"
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny_sft_dpo.yaml").read_text())
+    raw["stages"][1]["name"] = "sft"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = run_recipe(tmp_path, recipe=recipe, check=False)
+    assert proc.returncode == 2
+    assert "stages[1].name: duplicate stage name 'sft'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "tiny_sft_dpo").exists()
