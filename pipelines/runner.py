@@ -133,9 +133,10 @@ class Pipeline:
             self._save()
 
     def _evaluate_model(self, model: str) -> dict:
-        from .evaluate import EvalConfig, evaluate_model
+        from .evaluate import evaluate_model
 
-        return evaluate_model(model, EvalConfig.from_dict(self.recipe.eval, where=f"{self.recipe.path}: eval."))
+        _say(f"evaluating {model}")
+        return evaluate_model(model, self.recipe.eval)
 
     # ---- state ------------------------------------------------------------------------------
     def _load_state(self) -> dict:
