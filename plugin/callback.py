@@ -65,7 +65,8 @@ class OGPSACallback(TrainerCallback):
         self.built_at_step = -1
         self.rebuilds = 0
         self._pending: dict[str, list[float]] = defaultdict(list)
-        self._last_stats: dict[str, Any] = {}
+        self._last_rebuild: dict[str, Any] = {}
+        self._output_existed = True
         self._log_path: Optional[str] = None
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -73,9 +74,19 @@ class OGPSACallback(TrainerCallback):
         """Receive LLaMA-Factory's parsed arguments; validate what can be validated before loading."""
         self.model_args, self.data_args = model_args, data_args
         self.training_args, self.finetuning_args = training_args, finetuning_args
+        self._output_existed = os.path.exists(training_args.output_dir)
         check_supported(training_args, finetuning_args)
         if isinstance(data_args.dataset_dir, str):
             check_registered(self.settings.reference_names, data_args.dataset_dir)
+
+    def discard_empty_output_dir(self) -> None:
+        """After a failed start: remove output_dir if this run created it and it is still empty."""
+        path = getattr(self.training_args, "output_dir", None)
+        if path and not self._output_existed and os.path.isdir(path) and not os.listdir(path):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # another rank got there first
 
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.data_args is None:
@@ -110,10 +121,11 @@ class OGPSACallback(TrainerCallback):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise OGPSAConfigError("ogpsa: the model has no trainable parameters")
+        self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             self._log_path = os.path.join(args.output_dir, LOG_FILE)
-        self.rebuild(args, state, model)
+            self._write(self._last_rebuild)
 
     # ---- the step ---------------------------------------------------------------------------
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -184,6 +196,7 @@ class OGPSACallback(TrainerCallback):
         event.update({"world_size": args.world_size, "rank_spread": spread})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
         event.update({f"tokens/{n}": v for n, v in tokens.items()})
+        self._last_rebuild = event
         self._write(event)
 
     # ---- logging ----------------------------------------------------------------------------

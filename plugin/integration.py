@@ -75,6 +75,9 @@ def patch_tuner(tuner) -> None:
         _PENDING.append(callback)
         try:
             return original_training_function({**config, "args": args, "callbacks": callbacks})
+        except OGPSAConfigError:
+            callback.discard_empty_output_dir()  # the trainer made it; the run never started
+            raise
         finally:
             _PENDING.remove(callback)
 

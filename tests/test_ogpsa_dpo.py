@@ -10,9 +10,10 @@ def dpo_config(tiny, out, **overrides):
     return base_config(tiny, out, **{"stage": "dpo", "dataset": "toy_safety_dpo", "pref_beta": 0.1, **overrides})
 
 
-@pytest.mark.parametrize("finetuning", ["full", "lora"])
-def test_ogpsa_dpo_runs_and_logs(tiny, tmp_path, finetuning):
+@pytest.mark.parametrize("finetuning,loss", [("full", "sigmoid"), ("lora", "sigmoid"), ("full", "orpo")])
+def test_ogpsa_dpo_runs_and_logs(tiny, tmp_path, finetuning, loss):
     extra = {"lora_target": "all", "lora_rank": 4} if finetuning == "lora" else {}
+    extra["pref_loss"] = loss
     out = tmp_path / "out"
     cfg = dpo_config(tiny, out, finetuning_type=finetuning, max_steps=3, learning_rate=1e-2, **extra,
                      **ogpsa_keys(stage="ogpsa_dpo", ogpsa_refresh_steps=None))

@@ -69,6 +69,12 @@ def test_tiny_pipeline_full_handoff_and_rerun(assets, tmp_path):
     assert [sft["status"], dpo["status"]] == ["done", "done"]
     assert dpo["start_model"] == sft["model"] == str(root / "01_sft")
     assert sft["metrics"]["ogpsa"]["rebuilds"] == 6 and dpo["metrics"]["ogpsa"]["rebuilds"] == 4
+    # the recipe's eval block: the starting model and each stage, recorded in pipeline.json
+    for ev in (st["eval_base"], sft["eval"], dpo["eval"]):
+        m = ev["metrics"]
+        assert 0.0 <= m["refusal_harmful"] <= 1.0 and 0.0 <= m["refusal_benign"] <= 1.0
+        assert all(m[f"nll/{k}"] > 0 for k in ("math", "general", "hhh"))
+    assert sft["eval"]["metrics"]["nll/math"] != st["eval_base"]["metrics"]["nll/math"]
     # stage 2 trained from stage 1's weights: with a tiny DPO learning rate it stays next to them
     w0, w1, w2 = load_state(assets / "model"), load_state(root / "01_sft"), load_state(root / "02_dpo")
     assert max_diff(w2, w1) < 1e-3 * max_diff(w1, w0)
@@ -132,11 +138,11 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_recipes_rejected_before_training(assets, tmp_path, case):
+def test_bad_recipes_rejected_before_training(assets, tmp_path, monkeypatch, case):
     overrides, message = BAD[case]
     from ogpsa.pipelines import recipe as recipes
 
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(recipes.OGPSAConfigError) as err:
         recipes.load(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), overrides)
     assert message in str(err.value)
@@ -151,3 +157,17 @@ def test_bad_recipe_cli_exit_code_and_nothing_written(assets, tmp_path):
     assert proc.returncode == 2
     assert "stages[1].name: duplicate stage name 'sft'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "tiny_sft_dpo").exists()
+
+
+def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
+    proc = subprocess.run([str(BIN / "ogpsa"), "quickstart", "--tiny", "--out", str(tmp_path / "qs")], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = (tmp_path / "qs" / "report.md").read_text()
+    assert "plain" in report and "ogpsa" in report
+    assert (tmp_path / "qs" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plain = json.loads((tmp_path / "qs" / "plain" / "pipeline.json").read_text())
+    ogpsa = json.loads((tmp_path / "qs" / "ogpsa" / "pipeline.json").read_text())
+    assert [s["stage"] for s in plain["stages"]] == ["sft", "dpo"]
+    assert [s["stage"] for s in ogpsa["stages"]] == ["ogpsa_sft", "ogpsa_dpo"]
+    assert "ogpsa" not in plain["stages"][0]["metrics"] and ogpsa["stages"][0]["metrics"]["ogpsa"]["rebuilds"] > 0
