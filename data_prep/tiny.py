@@ -24,6 +24,8 @@ import random
 import tempfile
 from pathlib import Path
 
+from .common import atomic_dir
+
 ITEMS = ["apples", "books", "coins", "pencils", "stamps", "shells", "cards", "marbles"]
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
 TOPICS = [
@@ -206,21 +208,9 @@ def write_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> 
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=".model."))
-    try:
+    with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if model_dir.exists():
-            import shutil
-
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model_dir
 
 

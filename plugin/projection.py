@@ -72,9 +72,16 @@ class SubspaceBasis:
     coords: list[torch.Tensor]
     ref_norms: torch.Tensor
     names: list[str] = field(default_factory=list)
+    _layout: "Layout | None" = field(default=None, repr=False, compare=False)
 
     def blocks(self) -> list[list[int]]:
         return block_layout(len(self.directions), self.granularity)
+
+    def layout(self) -> "Layout":
+        """Derived index tensors for the vectorised bookkeeping (cached; not part of the state)."""
+        if self._layout is None:
+            self._layout = Layout.of(self)
+        return self._layout
 
     def rank(self) -> int:
         """Largest number of directions of any block (the subspace dimension for "global")."""
@@ -105,6 +112,36 @@ class SubspaceBasis:
             ref_norms=state["ref_norms"],
             names=list(state.get("names", [])),
         )
+
+
+@dataclass
+class Layout:
+    """Non-empty blocks, their ranks, and all block coordinates side by side.
+
+    coords: (m, K) float32, the columns of every block's (m, k_b) coordinate matrix concatenated;
+    col_block: (K,) the block index of each column; K = sum of the block ranks.
+    """
+
+    blocks: list[list[int]]
+    ranks: list[int]
+    coords: torch.Tensor
+    col_block: torch.Tensor
+    num_blocks: int
+    has_rank: torch.Tensor  # (num_blocks,) 1.0 where the block has at least one direction
+
+    @classmethod
+    def of(cls, basis: "SubspaceBasis") -> "Layout":
+        blocks = basis.blocks()
+        ranks = [c.shape[1] for c in basis.coords]
+        device = basis.ref_norms.device
+        m = basis.ref_norms.numel()
+        kept = [c.to(device) for c in basis.coords if c.shape[1] > 0]
+        coords = torch.cat(kept, dim=1) if kept else torch.zeros((m, 0), device=device)
+        col_block = torch.tensor(
+            [b for b, k in enumerate(ranks) for _ in range(k)], dtype=torch.long, device=device
+        )
+        has_rank = torch.tensor([float(k > 0) for k in ranks] or [0.0], device=device)
+        return cls(blocks, ranks, coords, col_block, max(len(blocks), 1), has_rank)
 
 
 def block_layout(num_params: int, granularity: str) -> list[list[int]]:
@@ -252,9 +289,13 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
     grads[i] is parameter i's gradient (same order as the basis; None counts as zero and is left
     None). mode: "project" removes U^T U g from every block; "conflict" only from blocks where
     <g, r_j> < 0 for some reference set j; "observe" measures and changes nothing.
-    The subtraction is an `addmv_` on the gradient's own storage: no copies, no host transfers.
-    Coefficients U g are formed in the gradient dtype (bf16 matmuls accumulate in fp32 on GPU)
-    and gathered in fp32.
+
+    Cost: per parameter one matvec U_i g_i and one in-place `addmv_` on the `.grad` storage (the
+    fewest bytes: U is read twice, g read twice and written once); everything else (conflict
+    gates, cosines, norms) is a handful of vector ops over all blocks at once, so the number of
+    kernel launches is 2P + O(1), not O(P) per statistic. No host/device copies: one `.tolist()`
+    at the end brings the metrics back. Coefficients are formed in the gradient dtype (bf16
+    matmuls accumulate in fp32 on GPU) and combined in fp32.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -262,52 +303,71 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
         raise ValueError(f"got {len(grads)} gradients for a basis over {len(basis.directions)} parameters")
     present = [g for g in grads if g is not None]
     device = present[0].device if present else basis.ref_norms.device
+    layout = basis.layout()
     m = basis.ref_norms.numel()
-    dots = torch.zeros(m, dtype=torch.float32, device=device)  # <g, r_j>, summed over blocks
-    removed_sq = torch.zeros((), dtype=torch.float32, device=device)
-    changed = torch.zeros((), dtype=torch.float32, device=device)
-    blocks = basis.blocks()
-    for b, block in enumerate(blocks):
-        coord = basis.coords[b]
-        if coord.shape[1] == 0:
-            continue
-        coef = torch.zeros(coord.shape[1], dtype=torch.float32, device=device)
-        for i in block:
-            if grads[i] is not None:
-                coef += (basis.directions[i] @ grads[i].reshape(-1)).float()
-        block_dots = coord @ coef
-        dots += block_dots
-        if mode == "observe":
-            continue
-        # 1.0 where this block is projected: always in "project" mode, on conflict otherwise.
-        gate = torch.ones((), device=device) if mode == "project" else (block_dots < 0).any().float()
-        removed = coef * gate
-        removed_sq += removed.square().sum()
-        changed += gate
-        for i in block:
-            if grads[i] is not None:
-                g = grads[i].reshape(-1)  # a view: addmv_ writes into the .grad storage
-                g.addmv_(basis.directions[i].t(), removed.to(g.dtype), alpha=-1.0)
-    grad_sq = (
-        torch.stack(torch._foreach_norm(present)).float().square().sum()
-        if present
-        else torch.zeros((), device=device)
-    )
-    # Norms are measured before the update for grad_norm (restored from the pieces: the
-    # subtracted part is orthogonal to what remains, so |g_raw|^2 = |g_new|^2 + |removed|^2).
+    coef = _coefficients(grads, basis, layout, device)  # (K,) fp32: U g, block by block
+    contrib = layout.coords * coef  # (m, K): each column's share of <g, r_j>
+    block_dots = torch.zeros((m, layout.num_blocks), dtype=torch.float32, device=device)
+    block_dots.index_add_(1, layout.col_block, contrib)
+    dots = block_dots.sum(dim=1)  # (m,) whole-model <g, r_j>
+    if mode == "project":
+        gate = torch.ones(layout.num_blocks, dtype=torch.float32, device=device)
+    elif mode == "conflict":
+        gate = (block_dots < 0).any(dim=0).float()
+    else:
+        gate = torch.zeros(layout.num_blocks, dtype=torch.float32, device=device)
+    removed = coef * gate[layout.col_block]
+    if mode != "observe":
+        _subtract(grads, basis, layout, removed)
+    removed_sq = removed.square().sum()
+    grad_sq = torch.stack(torch._foreach_norm(present)).float().square().sum() if present else removed_sq * 0
+    # |g_raw|^2 = |g_new|^2 + |removed|^2 (the removed part is orthogonal to what remains)
     grad_sq = grad_sq + removed_sq
     cos_den = grad_sq.sqrt() * basis.ref_norms.to(device)
     cosines = torch.where(cos_den > 0, dots / cos_den.clamp_min(1e-30), torch.zeros_like(dots))
-    packed = torch.cat([grad_sq.sqrt().reshape(1), removed_sq.sqrt().reshape(1), changed.reshape(1), cosines]).tolist()
-    gnorm, rnorm, nchanged, cos = packed[0], packed[1], packed[2], packed[3:]
+    packed = torch.cat([grad_sq.sqrt().reshape(1), removed_sq.sqrt().reshape(1), (gate * layout.has_rank).sum().reshape(1), cosines])
+    gnorm, rnorm, nchanged, *cos = packed.tolist()
     return ProjectionStats(
         grad_norm=gnorm,
         removed_norm=rnorm,
         removed_fraction=(rnorm / gnorm) if gnorm > 0 else 0.0,
         cosines=cos,
         projected_blocks=int(round(nchanged)),
-        total_blocks=len(blocks),
+        total_blocks=len(layout.blocks),
     )
+
+
+def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device) -> torch.Tensor:
+    """U g for every block, concatenated (K,) in float32."""
+    pieces = []
+    for block, k in zip(layout.blocks, layout.ranks):
+        if k == 0:
+            continue
+        parts = [basis.directions[i] @ grads[i].reshape(-1) for i in block if grads[i] is not None]
+        if not parts:
+            pieces.append(torch.zeros(k, dtype=basis.directions[block[0]].dtype, device=device))
+        else:
+            pieces.append(parts[0] if len(parts) == 1 else torch.stack(parts).float().sum(dim=0))
+    if not pieces:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    return torch.cat([p.float() for p in pieces]) if len({p.dtype for p in pieces}) > 1 else torch.cat(pieces).float()
+
+
+def _subtract(grads, basis: SubspaceBasis, layout: "Layout", removed: torch.Tensor) -> None:
+    """g_i <- g_i - U_i^T removed_b, in place on each gradient's storage."""
+    offset = 0
+    cast: dict[torch.dtype, torch.Tensor] = {}
+    for block, k in zip(layout.blocks, layout.ranks):
+        if k == 0:
+            continue
+        for i in block:
+            g = grads[i]
+            if g is None:
+                continue
+            if g.dtype not in cast:
+                cast[g.dtype] = removed.to(g.dtype)
+            g.reshape(-1).addmv_(basis.directions[i].t(), cast[g.dtype][offset : offset + k], alpha=-1.0)
+        offset += k
 
 
 def residual_cosines(grads: list[torch.Tensor | None], ref_grads: list[list[torch.Tensor]]) -> list[float]:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
 REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]

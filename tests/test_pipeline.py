@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,7 @@ def test_every_recipe_validates(recipe, tmp_path):
 
 
 def test_tiny_pipeline_full_handoff_and_rerun(assets, tmp_path):
-    proc = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6")
+    run_recipe(tmp_path, "dpo.learning_rate=1.0e-6")
     st = state(tmp_path)
     root = tmp_path / "runs" / "tiny_sft_dpo"
     sft, dpo = st["stages"]
