@@ -160,6 +160,7 @@ class OGPSACallback(TrainerCallback):
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
+        self.basis = None  # free the old basis first: a rebuild then peaks at one basis + one gradient
         device = self.params[0].device
         batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
         builder = BasisBuilder([p for p in self.params], len(self.refs), self.settings.ogpsa_granularity)

@@ -305,7 +305,11 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
     device = present[0].device if present else basis.ref_norms.device
     layout = basis.layout()
     m = basis.ref_norms.numel()
-    coef = _coefficients(grads, basis, layout, device)  # (K,) fp32: U g, block by block
+    # "project" removes every block's component whatever the statistics say, so each block is
+    # subtracted right after its coefficients are formed: with tensor granularity U_i and g_i are
+    # then still in cache (GPU L2) for the second pass, which roughly halves the DRAM traffic.
+    eager = mode == "project"
+    coef = _coefficients(grads, basis, layout, device, subtract=eager)  # (K,) fp32: U g per block
     contrib = layout.coords * coef  # (m, K): each column's share of <g, r_j>
     block_dots = torch.zeros((m, layout.num_blocks), dtype=torch.float32, device=device)
     block_dots.index_add_(1, layout.col_block, contrib)
@@ -317,7 +321,7 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
     else:
         gate = torch.zeros(layout.num_blocks, dtype=torch.float32, device=device)
     removed = coef * gate[layout.col_block]
-    if mode != "observe":
+    if mode == "conflict":
         _subtract(grads, basis, layout, removed)
     removed_sq = removed.square().sum()
     grad_sq = torch.stack(torch._foreach_norm(present)).float().square().sum() if present else removed_sq * 0
@@ -337,8 +341,8 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
     )
 
 
-def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device) -> torch.Tensor:
-    """U g for every block, concatenated (K,) in float32."""
+def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device, subtract: bool) -> torch.Tensor:
+    """U g for every block, concatenated (K,) in float32; with `subtract`, also g -= U^T (U g)."""
     pieces = []
     for block, k in zip(layout.blocks, layout.ranks):
         if k == 0:
@@ -346,8 +350,13 @@ def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device) -> torc
         parts = [basis.directions[i] @ grads[i].reshape(-1) for i in block if grads[i] is not None]
         if not parts:
             pieces.append(torch.zeros(k, dtype=basis.directions[block[0]].dtype, device=device))
-        else:
-            pieces.append(parts[0] if len(parts) == 1 else torch.stack(parts).float().sum(dim=0))
+            continue
+        c = parts[0] if len(parts) == 1 else torch.stack(parts).float().sum(dim=0)
+        pieces.append(c)
+        if subtract:
+            for i in block:
+                if grads[i] is not None:
+                    grads[i].view(-1).addmv_(basis.directions[i].t(), c.to(grads[i].dtype), alpha=-1.0)
     if not pieces:
         return torch.zeros(0, dtype=torch.float32, device=device)
     return torch.cat([p.float() for p in pieces]) if len({p.dtype for p in pieces}) > 1 else torch.cat(pieces).float()
@@ -366,7 +375,7 @@ def _subtract(grads, basis: SubspaceBasis, layout: "Layout", removed: torch.Tens
                 continue
             if g.dtype not in cast:
                 cast[g.dtype] = removed.to(g.dtype)
-            g.reshape(-1).addmv_(basis.directions[i].t(), cast[g.dtype][offset : offset + k], alpha=-1.0)
+            g.view(-1).addmv_(basis.directions[i].t(), cast[g.dtype][offset : offset + k], alpha=-1.0)
         offset += k
 
 
