@@ -132,7 +132,12 @@ def _stage(index: int, entry: Any, shared: dict, cli: dict, where: str) -> Stage
     args = copy.deepcopy(shared)
     if not stage.startswith(PREFIX):  # plain stages never see the recipe's OGPSA defaults
         args = {k: v for k, v in args.items() if not k.startswith(PREFIX)}
-    args.update({k: v for k, v in entry.items() if k != "name"})
+    entry = {k: v for k, v in entry.items() if k != "name"}
+    if not stage.startswith(PREFIX):
+        # a plain stage ignores OGPSA settings, its own included, so that swapping `stage:`
+        # (e.g. `sft.stage=sft`) turns an OGPSA recipe into its plain baseline
+        entry = {k: v for k, v in entry.items() if not k.startswith(PREFIX)}
+    args.update(entry)
     if index > 0:
         args.pop("model_name_or_path", None)  # the previous stage's result, decided at run time
     args.setdefault("do_train", True)
