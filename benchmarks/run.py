@@ -238,17 +238,12 @@ def build_model(root: Path, size: str, tokenizer_dir: str, dtype_name: str) -> t
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype_name))
     params = sum(p.numel() for p in model.parameters())
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".model_{size}."))
-    try:
+    from ogpsa.data_prep.common import atomic_dir
+
+    with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "bench_meta.json").write_text(json.dumps({"size": size, "params": params, **spec}))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     del model
     return str(model_dir), params
 
