@@ -15,7 +15,8 @@ model size and stage pair, in each repeat (runs interleaved: sft, ogpsa_sft, dpo
   OGPSA steps are reported without rebuilds (the rebuild's own time, measured by a wrapper around
   `OGPSACallback.rebuild`, is subtracted from the step it fell in) and amortised at the paper's
   refresh interval K (30 SFT, 5 DPO): step + rebuild / K.
-- projection alone: the `project_` call inside the real step, timed in place (CUDA events on the
+- projection alone: the projection calls inside the real step (`project_`, plus `span_coordinates`
+  and `project_change_` with the default ogpsa_target=update), timed in place (CUDA events on the
   GPU, so nothing extra is synchronised; perf_counter on CPU), as a % of the plain step.
 - rebuild vs raw: at the end of the OGPSA run, a rebuild and a bare forward+backward over the same
   reference batches (same collator, batch size, model; no basis, no norms, no bookkeeping), in
@@ -293,27 +294,41 @@ def install_wrappers() -> None:
         if phase == "train":
             rec.pending_rebuild += dt
 
+    def timed(fn):
+        # Times one projection call in place (CUDA events, so nothing extra is synchronised); a
+        # step's calls are summed: project_ and, with ogpsa_target=update, span_coordinates before
+        # optimizer.step and project_change_ after it.
+        def wrapper(*args):
+            rec = Recorder.current
+            if rec is None:
+                return fn(*args)
+            if rec.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args)
+                end.record()
+                rec.pending_proj.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*args)
+                rec.pending_proj.append(time.perf_counter() - t0)
+            return out
+
+        return wrapper
+
+    timed_project = timed(original_project)
+
     def project_(grads, basis, mode="project"):
         rec = Recorder.current
-        if rec is None:
-            return original_project(grads, basis, mode)
-        if rec.profile_now:
+        if rec is not None and rec.profile_now:
             rec.profile_now = False
             rec.profile = profile_projection(original_project, grads, basis, mode, rec.device)
-        if rec.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = original_project(grads, basis, mode)
-            end.record()
-            rec.pending_proj.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            out = original_project(grads, basis, mode)
-            rec.pending_proj.append(time.perf_counter() - t0)
-        return out
+        return timed_project(grads, basis, mode)
 
     cbmod.OGPSACallback.rebuild = rebuild
     cbmod.project_ = project_
+    cbmod.span_coordinates = timed(cbmod.span_coordinates)
+    cbmod.project_change_ = timed(cbmod.project_change_)
     cbmod.__bench_wrapped__ = True
 
 
@@ -482,7 +497,7 @@ def run_config(opts, model_dir: str, data_dir: str, stage: str, ogpsa: bool, out
         "output_dir": str(out_dir),
         "overwrite_output_dir": True,
         "per_device_train_batch_size": opts.batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": opts.grad_accum,
         "learning_rate": 1.0e-5,
         "lr_scheduler_type": "constant",
         "max_steps": opts.warmup + opts.steps + 1,  # + 1: the profiling step, not timed
@@ -508,6 +523,7 @@ def run_config(opts, model_dir: str, data_dir: str, stage: str, ogpsa: bool, out
             "ogpsa_reference_samples": opts.ref_samples,
             "ogpsa_refresh_steps": PAPER_K[pair],
             "ogpsa_reference_batch_size": opts.batch,
+            "ogpsa_target": opts.target,
         })
     return cfg
 
@@ -671,7 +687,7 @@ def markdown(raw: dict, rows: list[dict]) -> str:
         (f"# OGPSA overhead benchmark ({env['device']} on {s['device']}, torch {env['torch']}, "
         f"llamafactory {env['llamafactory']}, transformers {env['transformers']})"),
         "",
-        (f"Settings: batch {s['batch']}, cutoff_len {s['seq_len']}, {s['steps']} timed steps after {s['warmup']} "
+        (f"Settings: batch {s['batch']} x {s.get('grad_accum', 1)} accumulation step(s), ogpsa_target {s.get('target', 'gradient')}, cutoff_len {s['seq_len']}, {s['steps']} timed steps after {s['warmup']} "
         f"warm-up, {s['repeats']} repeat(s) (medians), {s['ref_samples']} samples per reference set x {len(REFS)} sets, "
         f"full fine-tuning, AdamW, {'bf16' if s['device'] == 'cuda' else 'fp32'}, {env['threads']} thread(s)."),
         f"Memory: {raw['memory_method']}.",
@@ -709,6 +725,12 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps dropped (CPU 1, CUDA 5; quick 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch", type=int, default=None, help="per-device batch (CPU 4, CUDA 8)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="gradient_accumulation_steps: micro-batches per optimizer step (the projection runs once "
+                        "per optimizer step, so its share falls as this grows)")
+    p.add_argument("--target", default="update", choices=["update", "gradient"],
+                   help="ogpsa_target of the OGPSA stages (update: the default, 3 passes over the basis per "
+                        "step; gradient: the paper's, 2)")
     p.add_argument("--seq-len", type=int, default=None, help="cutoff_len and the data's length (CPU 64, CUDA 1024)")
     p.add_argument("--ref-samples", type=int, default=None, help="samples per reference set (CPU 8, CUDA 100 as the paper)")
     p.add_argument("--rebuild-repeats", type=int, default=None, help="rebuild/raw pairs timed at the end of each OGPSA run (CPU 1, CUDA 3)")
@@ -748,8 +770,8 @@ def resolve(opts):
     opts.stages = [s.strip() for s in opts.stages.split(",") if s.strip()]
     if not opts.stages or any(s not in PAPER_K for s in opts.stages):
         raise SystemExit("bench: --stages takes sft, dpo or sft,dpo")
-    if opts.warmup < 1 or opts.steps < 1 or opts.repeats < 1:
-        raise SystemExit("bench: --warmup, --steps and --repeats must be >= 1")
+    if opts.warmup < 1 or opts.steps < 1 or opts.repeats < 1 or opts.grad_accum < 1:
+        raise SystemExit("bench: --warmup, --steps, --repeats and --grad-accum must be >= 1")
     return opts
 
 
@@ -785,7 +807,7 @@ def main(argv=None) -> int:
     data_dir = build_data(assets, opts.seq_len, opts.ref_samples)
     dtype_name = "bfloat16" if opts.device == "cuda" else "float32"
     raw = {
-        "settings": {k: getattr(opts, k) for k in ("sizes", "repeats", "steps", "warmup", "device", "batch", "seq_len",
+        "settings": {k: getattr(opts, k) for k in ("sizes", "repeats", "steps", "warmup", "device", "batch", "grad_accum", "target", "seq_len",
                                                    "ref_samples", "rebuild_repeats", "stages", "quick")},
         "environment": {
             "device": device_name(opts.device),

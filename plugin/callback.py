@@ -7,8 +7,11 @@ The training order of one optimizer step, as the trainer runs it with this callb
     for each micro-batch: forward -> backward       (gradients accumulate in .grad; DDP all-reduces
                                                      on the last micro-batch)
     clip_grad_norm_                                  (trainer, when max_grad_norm > 0)
-    on_pre_optimizer_step  project: g <- g - U U^T g (once, on the accumulated, synchronised gradient)
+    on_pre_optimizer_step  project: g <- g - U^T U g (once, on the accumulated, synchronised gradient);
+                           with ogpsa_target=update, also note the weights' coordinates c = U theta
     optimizer.step()
+    on_optimizer_step      ogpsa_target=update only: theta <- theta - U^T (U theta - c), so the step
+                           the optimizer actually took (Adam's rescaling, weight decay) is orthogonal too
     zero_grad
 
 So the projected update equals the projection of the accumulated gradient, every data-parallel
@@ -28,7 +31,15 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .projection import MODES, BasisBuilder, SubspaceBasis, project_
+from .projection import (
+    MODES,
+    BasisBuilder,
+    NonFiniteGradient,
+    SubspaceBasis,
+    project_,
+    project_change_,
+    span_coordinates,
+)
 from .reference import (
     ReferenceDataError,
     ReferenceSet,
@@ -66,6 +77,8 @@ class OGPSACallback(TrainerCallback):
         self.rebuilds = 0
         self._pending: dict[str, list[float]] = defaultdict(list)
         self._last_rebuild: dict[str, Any] = {}
+        self._coords: Optional[torch.Tensor] = None  # ogpsa_target=update: U theta, kept by projected steps
+        self._step_record: dict[str, Any] = {}
         self._output_existed = True
         self._log_path: Optional[str] = None
 
@@ -121,6 +134,12 @@ class OGPSACallback(TrainerCallback):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise OGPSAConfigError("ogpsa: the model has no trainable parameters")
+        low = sorted({str(p.dtype) for p in self.params if p.dtype not in (torch.float32, torch.float64)})
+        if low and self.settings.ogpsa_target == "update" and state.is_world_process_zero:
+            logger.warning(
+                f"ogpsa_target=update: trainable weights in {', '.join(low)} cannot resolve a step's in-span part "
+                "exactly (fp32 master weights can; LLaMA-Factory keeps them unless pure_bf16 is set)"
+            )
         self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -144,6 +163,8 @@ class OGPSACallback(TrainerCallback):
         }
         for name, cos in zip(self.basis.names, stats.cosines):
             record[f"cos/{name}"] = cos
+        if self.settings.ogpsa_target == "update" and self._coords is None:  # once per basis
+            self._coords = span_coordinates(self._weights(), self.basis)
         if self._due_to_log(args, state):
             # Measured, not assumed: cosine of the projected gradient with each reference gradient.
             after = project_([p.grad for p in self.params], self.basis, "observe")
@@ -152,7 +173,20 @@ class OGPSACallback(TrainerCallback):
         for key, value in record.items():
             if key != "step":
                 self._pending[key].append(float(value))
-        self._write(record)
+        if self._coords is None:
+            self._write(record)
+        else:
+            self._step_record = record  # written once the update is projected too
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._coords is None:
+            return
+        in_span, self._coords = project_change_(self._weights(), self.basis, self._coords, self.settings.ogpsa_mode)
+        self._pending["update_in_span_norm"].append(in_span)
+        self._write({**self._step_record, "update_in_span_norm": in_span})
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.params]
 
     # ---- rebuild ----------------------------------------------------------------------------
     def rebuild(self, args, state, model) -> None:
@@ -161,6 +195,7 @@ class OGPSACallback(TrainerCallback):
 
         start = time.perf_counter()
         self.basis = None  # free the old basis first: a rebuild then peaks at one basis + one gradient
+        self._coords = None  # coordinates in the old basis mean nothing in the new one
         device = self.params[0].device
         batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
         builder = BasisBuilder([p for p in self.params], len(self.refs), self.settings.ogpsa_granularity)
@@ -173,16 +208,17 @@ class OGPSACallback(TrainerCallback):
         )
         with bar:
             for name, grads, ntok in reference_gradients(
-                model, self.params, self.refs, self.collator, batch_size, device, bar
+                model, self.params, self.refs, self.collator, batch_size, device, bar, builder.next_row
             ):
-                if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                del grads  # views of the builder's next row, which now holds the gradient sum
+                try:
+                    norms[name] = builder.commit(name, scale=1.0 / max(ntok, 1))
+                except NonFiniteGradient:
                     raise ReferenceDataError(
                         f"ogpsa_reference: the gradient of reference set {name!r} is not finite at step "
                         f"{state.global_step} (check the data and the learning rate)"
-                    )
-                norms[name] = builder.add(grads, name)
+                    ) from None
                 tokens[name] = ntok
-                del grads
         self.basis = builder.finish()
         spread = rank_spread(self.basis)
         if spread != 0.0:

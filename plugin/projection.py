@@ -54,6 +54,10 @@ GRANULARITIES = ("tensor", "global")
 MODES = ("project", "conflict", "observe")
 
 
+class NonFiniteGradient(ValueError):
+    """A reference gradient with a NaN or infinity (the caller names the set and the step)."""
+
+
 @dataclass
 class SubspaceBasis:
     """The capability subspace: orthonormal directions per block, plus what logging needs.
@@ -153,76 +157,125 @@ def block_layout(num_params: int, granularity: str) -> list[list[int]]:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
-def _block_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    # Inner product of two block vectors (lists of flat tensors), accumulated in float32 one
-    # tensor at a time: only one tensor's upcast copy exists at once (none for float32 input).
-    return torch.stack([torch.dot(x.float(), y.float()) for x, y in zip(a, b)]).sum()
+def _mv(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # rows @ v with the inner products accumulated and returned in (at least) float32: low-precision
+    # storage is upcast for the product, one tensor at a time, so a transient fp32 copy of only
+    # that tensor's rows exists.
+    if rows.dtype in (torch.float32, torch.float64):
+        return torch.mv(rows, v)
+    return torch.mv(rows.float(), v.float())
 
 
 class BasisBuilder:
     """Streams reference gradients in, one set at a time, and orthonormalises them on arrival.
 
-    Memory: the rows are preallocated in the gradient dtype (the basis itself) and the incoming
-    gradient is orthogonalised in the next free row, so a rebuild holds the basis plus the one
-    gradient being added, never m raw gradients or float32 copies of them (for a bf16 7B model
-    that is 46 GB instead of 91 GB at m = 3).
+    Memory: the rows are preallocated in the gradient dtype (the basis itself) and each incoming
+    gradient lands directly in the next free row (`next_row()`: autograd can accumulate into it as
+    `.grad`), where it is orthogonalised in place (`commit()`). A rebuild thus holds the basis and
+    nothing else, never m raw gradients or float32 copies of them (for a bf16 7B model that is
+    42 GB instead of 84 GB at m = 3), and no gradient is ever copied.
 
-    Classical Gram-Schmidt run twice per vector ("twice is enough": the second pass restores
+    Block classical Gram-Schmidt run twice ("twice is enough": the second pass restores
     orthogonality to working precision even when reference gradients are nearly colinear, which
-    one pass does not). A block is a vector spread over many tensors, so its inner products are
-    sums of per-tensor dots and no whole-model vector is ever concatenated. Inner products are
-    float32 whatever the storage dtype; with bf16 storage the rows are orthonormal to bf16
-    precision (~1e-3), the precision the gradients themselves have.
+    one pass does not). Per pass and parameter tensor it is one matvec c = U v and one in-place
+    `addmv_` v -= U^T c, i.e. two reads of the tensor's rows instead of 2k dot/axpy sweeps; for a
+    block spread over many tensors the c's are summed over the block first, so no whole-model
+    vector is ever concatenated. Inner products are float32 whatever the storage dtype; with bf16
+    storage the rows are orthonormal to bf16 precision (~1e-3), the precision the gradients
+    themselves have. All blocks are processed together, with two host syncs per reference set.
     """
 
     def __init__(self, like: list[torch.Tensor], max_rank: int, granularity: str = "tensor", rtol: float = RANK_RTOL):
         self.granularity = granularity
         self.rtol = rtol
         self.blocks = block_layout(len(like), granularity)
+        self.block_of = [b for b, block in enumerate(self.blocks) for _ in block]
         # rows[i][q] is row q of parameter i's slice; filled in place as directions are accepted.
         self.rows = [torch.zeros((max_rank, t.numel()), dtype=t.dtype, device=t.device) for t in like]
+        self.max_rank = max_rank
         self.rank = [0] * len(self.blocks)
         self.coeffs: list[list[list[float]]] = [[] for _ in self.blocks]  # per block, per set: <r_j, u_q>
         self.norms: list[float] = []
         self.names: list[str] = []
 
-    def add(self, grads: list[torch.Tensor], name: str = "") -> float:
-        """Orthogonalise one reference gradient (one tensor per parameter) into the basis.
+    def next_row(self) -> list[torch.Tensor]:
+        """The zeroed flat buffers (one per parameter) that the next reference gradient goes into.
 
-        Returns its whole-model norm. The caller checks finiteness first (it can name the set).
+        Fill them (copy, or let autograd accumulate into `p.grad = buf.view_as(p)`), then `commit`.
         """
+        if len(self.norms) >= self.max_rank:
+            raise ValueError(f"more reference sets than max_rank={self.max_rank}")
+        return [rows[self.rank[b]] for rows, b in zip(self.rows, self.block_of)]
+
+    def add(self, grads: list[torch.Tensor], name: str = "") -> float:
+        """Copy one reference gradient (one tensor per parameter) into the next row and `commit` it."""
         if len(grads) != len(self.rows):
             raise ValueError(f"reference gradient {name!r} has {len(grads)} tensors, expected {len(self.rows)}")
-        sq = 0.0
+        torch._foreach_copy_(self.next_row(), [g.detach().reshape(-1) for g in grads])
+        return self.commit(name)
+
+    def commit(self, name: str = "", scale: float = 1.0) -> float:
+        """Orthogonalise the gradient held in `next_row()`, times `scale`, into the basis.
+
+        `scale` is folded into the coefficients and the normalisation (a sum of token gradients is
+        committed as their mean without a pass to rescale it). Returns the scaled gradient's
+        whole-model norm. Raises `NonFiniteGradient` (leaving the builder as it was) if the gradient
+        has a NaN or infinity.
+        """
+        v = self.next_row()
+        ks = [self.rank[b] for b in self.block_of]
+        sq0 = self._block_sq(v)
+        if not bool(sq0.sum().isfinite()):  # one sync; checked before anything is changed
+            torch._foreach_zero_(v)
+            raise NonFiniteGradient(f"reference gradient {name!r} is not finite")
+        coef: list[torch.Tensor | None] = [None] * len(self.blocks)
+        for _ in range(2):  # CGS2
+            c = self._block_coefficients(v, ks)
+            coef = [ci if prev is None else prev + ci for prev, ci in zip(coef, c)]
+            for i, (vi, k) in enumerate(zip(v, ks)):
+                if k:
+                    vi.addmv_(self.rows[i][:k].t(), c[self.block_of[i]].to(vi.dtype), alpha=-1.0)
+        sq = self._block_sq(v)
+        host = torch.cat([sq0, sq, *[c for c in coef if c is not None]]).tolist()  # the one sync
+        nb = len(self.blocks)
+        sq0_h, sq_h, flat = host[:nb], host[nb : 2 * nb], iter(host[2 * nb :])
+        keep, drop, inv = [], [], []
         for b, block in enumerate(self.blocks):
-            sq += self._add_to_block(b, block, [grads[i].detach().reshape(-1) for i in block])
-        self.norms.append(math.sqrt(sq))
+            c_b = [next(flat) * scale for _ in range(self.rank[b])]
+            norm = math.sqrt(sq_h[b])
+            if sq0_h[b] > 0 and norm > self.rtol * math.sqrt(sq0_h[b]):
+                keep += [v[i] for i in block]
+                inv += [1.0 / norm] * len(block)
+                c_b.append(norm * scale)
+                self.rank[b] += 1
+            else:  # dependent (or zero) on this block: nothing new to span
+                drop += [v[i] for i in block]
+            self.coeffs[b].append(c_b)
+        if keep:
+            torch._foreach_mul_(keep, inv)
+        if drop:
+            torch._foreach_zero_(drop)
+        self.norms.append(math.sqrt(sum(sq0_h)) * scale)
         self.names.append(name)
         return self.norms[-1]
 
-    def _add_to_block(self, b: int, block: list[int], vec: list[torch.Tensor]) -> float:
-        k = self.rank[b]
-        if k >= self.rows[block[0]].shape[0]:
-            raise ValueError(f"more reference sets than max_rank={self.rows[block[0]].shape[0]}")
-        # Work in the next free row of the buffer (a copy of the incoming gradient).
-        v = [self.rows[i][k] for i in block]
-        torch._foreach_copy_(v, vec)
-        norm0_sq = float(_block_dot(v, v))
-        coef = [0.0] * k
-        for _ in range(2):  # CGS2
-            for q in range(k):
-                c = float(_block_dot([self.rows[i][q] for i in block], v))
-                coef[q] += c
-                torch._foreach_add_(v, [self.rows[i][q] for i in block], alpha=-c)
-        norm = float(_block_dot(v, v).sqrt())
-        if norm0_sq > 0 and norm > self.rtol * math.sqrt(norm0_sq):
-            torch._foreach_mul_(v, 1.0 / norm)
-            coef.append(norm)
-            self.rank[b] = k + 1
-        else:
-            torch._foreach_zero_(v)  # dependent (or zero) on this block: nothing new to span
-        self.coeffs[b].append(coef)
-        return norm0_sq
+    def _block_sq(self, v: list[torch.Tensor]) -> torch.Tensor:
+        """(num_blocks,) float32 squared norms of a row, summed per block (on the rows' device)."""
+        device = self.rows[0].device if self.rows else "cpu"
+        out = torch.zeros(len(self.blocks), dtype=torch.float32, device=device)
+        if v:
+            norms = torch.stack(torch._foreach_norm(v, 2, dtype=torch.float32))
+            index = torch.tensor(self.block_of, dtype=torch.long, device=device)
+            out.index_add_(0, index, norms.square())
+        return out
+
+    def _block_coefficients(self, v: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor | None]:
+        """Per block, U_b v_b as a float32 (k_b,) tensor (None for a block with no rows yet)."""
+        out: list[torch.Tensor | None] = []
+        for block in self.blocks:
+            parts = [_mv(self.rows[i][: ks[i]], v[i]) for i in block if ks[i]]
+            out.append(None if not parts else parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0))
+        return out
 
     def finish(self) -> SubspaceBasis:
         """The basis: each parameter's rows cut to its block rank (views, no copy)."""
@@ -339,6 +392,50 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
         projected_blocks=int(round(nchanged)),
         total_blocks=len(layout.blocks),
     )
+
+
+@torch.no_grad()
+def span_coordinates(tensors: list[torch.Tensor], basis: SubspaceBasis) -> torch.Tensor:
+    """U x for every block, (K,) float32: the coordinates of `tensors` (e.g. the weights) in the basis."""
+    device = tensors[0].device if tensors else basis.ref_norms.device
+    return _coefficients(tensors, basis, basis.layout(), device, subtract=False)
+
+
+@torch.no_grad()
+def project_change_(
+    tensors: list[torch.Tensor], basis: SubspaceBasis, before: torch.Tensor, mode: str = "project"
+) -> tuple[float, torch.Tensor]:
+    """Remove the in-span part of the change of `tensors` since their coordinates were `before`.
+
+    For the weights around an optimizer step: with d = theta_new - theta_old, U d = U theta_new -
+    U theta_old, and theta_new <- theta_new - U^T U d leaves the step d orthogonal to every
+    reference gradient whatever the optimizer did to the gradient. No copy of the old weights is
+    kept, only the K coordinates; and since a projected step leaves them unchanged, the returned
+    coordinates can be passed as `before` of the next step, so `span_coordinates` runs once per
+    basis, not per step (one matvec and one `addmv_` per tensor per step, as `project_`). Rounding
+    drift is corrected on the next step rather than accumulated. The difference U theta_new -
+    before cancels the weights' common part, so the removal is exact to about eps * |theta| / |d|
+    of the in-span part (fp32: ~1e-3 at a 1e-4 relative step; bf16 weights cannot resolve such
+    steps at all, so use fp32 master weights).
+
+    "conflict" removes it only from blocks whose step raises some reference loss to first order
+    (<d, r_j> > 0); "observe" changes nothing. Returns (norm of the step's in-span part, which
+    "project" removes; the coordinates of `tensors` after the call).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    layout = basis.layout()
+    now = span_coordinates(tensors, basis)
+    delta = now - before  # (K,) U d per block
+    in_span = float(delta.norm())
+    if mode == "observe":
+        return in_span, now
+    if mode == "conflict":
+        block_dots = torch.zeros((layout.coords.shape[0], layout.num_blocks), dtype=torch.float32, device=delta.device)
+        block_dots.index_add_(1, layout.col_block, layout.coords * delta)
+        delta = delta * (block_dots > 0).any(dim=0).float()[layout.col_block]
+    _subtract(tensors, basis, layout, delta)
+    return in_span, now - delta
 
 
 def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device, subtract: bool) -> torch.Tensor:

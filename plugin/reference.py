@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -154,14 +154,22 @@ def reference_gradients(
     batch_size: int,
     device: torch.device,
     progress=None,
+    buffers: Callable[[], list[torch.Tensor]] | None = None,
 ) -> Iterator[tuple[str, list[torch.Tensor], int]]:
-    """Yield (name, gradient per parameter, token count) for each reference set, one at a time.
+    """Yield (name, gradient sum per parameter, token count) for each reference set, one at a time.
 
-    The gradient tensors are detached copies owned by the caller; `.grad` is None between sets
-    and after the last. `progress` (a tqdm-like object) is advanced once per micro-batch.
+    The gradient sum is that of the summed answer-token NLL (divide by the token count for the
+    mean), all-reduced over data-parallel ranks. `buffers`, if given, is called once per set and
+    returns one zeroed flat tensor per parameter (`BasisBuilder.next_row`): it is installed as
+    `.grad`, so autograd accumulates straight into it and the yielded tensors are views of it (no
+    copy, no allocation). Without it the yielded tensors are fresh. Either way `.grad` is None
+    between sets and after the last; `progress` (a tqdm-like object) is advanced per micro-batch.
     """
     with _isolated(model, params, device):
         for ref in refs:
+            if buffers is not None:
+                for p, buf in zip(params, buffers()):
+                    p.grad = buf.view_as(p)
             tokens = torch.zeros((), dtype=torch.float64, device=device)
             for batch in _shard_batches(ref, batch_size, collator, device):
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -174,10 +182,7 @@ def reference_gradients(
             for p in params:
                 p.grad = None
             _all_reduce_sum([tokens, *grads])
-            total = int(tokens.item())
-            scale = 1.0 / max(total, 1)
-            torch._foreach_mul_(grads, scale)
-            yield ref.name, grads, total
+            yield ref.name, grads, int(tokens.item())
 
 
 def num_batches(refs: list[ReferenceSet], batch_size: int) -> int:

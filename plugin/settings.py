@@ -53,6 +53,17 @@ class OGPSAArguments:
             "points against a reference gradient (A-GEM style); 'observe': log cosines, change nothing."
         },
     )
+    ogpsa_target: Literal["update", "gradient"] = field(
+        default="update",
+        metadata={
+            "help": "'update': project the accumulated, clipped gradient before optimizer.step, then the "
+            "optimizer's actual parameter change after it, so the reference losses are unchanged to first "
+            "order under any optimizer (Adam's per-coordinate rescaling and weight decay included); costs "
+            "about 1.5 more passes over the basis per step. 'gradient': the gradient only, as the paper and "
+            "its released code; first-order exact under SGD only, since Adam turns the step out of the "
+            "orthogonal complement."
+        },
+    )
     ogpsa_reference_batch_size: Optional[int] = field(
         default=None,
         metadata={"help": "Micro-batch size for reference gradients (default: per_device_train_batch_size)."},

@@ -6,6 +6,7 @@ their gradients all-reduced, so the basis must be the same as with one process.
 """
 
 import pytest
+import torch
 from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
 
 TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
@@ -38,8 +39,11 @@ def test_two_processes_match_one(tiny, tmp_path, stage):
     ogpsa_gap = max_diff(states["ogpsa", 1], states["ogpsa", 2])
     effect = max_diff(states["ogpsa", 1], states["plain", 1])
     print(f"{stage}: update {update:.2e}, plain 1v2 {plain_gap:.2e}, ogpsa 1v2 {ogpsa_gap:.2e}, ogpsa-plain {effect:.2e}")
-    # float32 reduction order is the only difference: both gaps sit at round-off level
-    tolerance = max(10 * plain_gap, 1e-5 * update)
+    # float32 reduction order is the only difference: both gaps sit at round-off level. The default
+    # ogpsa_target=update also rewrites the weights after each step (theta -= U^T(U theta - c)),
+    # which rounds at the weights' own scale: a few ulps of the largest weight.
+    ulp = torch.finfo(torch.float32).eps * max(float(v.float().abs().max()) for v in states["ogpsa", 1].values())
+    tolerance = max(10 * plain_gap, 1e-5 * update, 8 * ulp)
     assert plain_gap <= 1e-5 * update
     assert ogpsa_gap <= tolerance
     assert effect > 1000 * tolerance  # the projection itself is far above that noise

@@ -32,6 +32,30 @@ def test_first_order_preservation_sft(tiny, tmp_path):
     assert change["ogpsa"]["toy_safety_sft"] < -0.1  # the safety loss still falls
 
 
+def test_update_target_keeps_first_order_preservation_under_adamw(tiny, tmp_path):
+    """AdamW rescales the projected gradient per coordinate: projecting only the gradient (the paper)
+    lets the reference losses move, projecting the update too (the default) holds them."""
+    names = REFS + ["toy_safety_sft"]
+    start = reference_losses(tiny["model"], tiny, names)
+    change = {}
+    runs = (("plain", {}), ("gradient", ogpsa_keys(ogpsa_target="gradient")), ("update", ogpsa_keys()))
+    for kind, extra in runs:
+        out = tmp_path / kind
+        cfg = base_config(tiny, out, optim="adamw_torch", learning_rate=1e-3, max_steps=4, max_grad_norm=0.0, **extra)
+        run_cli(cfg, tmp_path / f"run_{kind}")
+        after = reference_losses(str(out), tiny, names)
+        change[kind] = {n: after[n] - start[n] for n in names}
+        if kind == "update":
+            steps = [r for r in ogpsa_log(out) if "update_in_span_norm" in r]
+            assert len(steps) == 4 and all(r["update_in_span_norm"] > 0 for r in steps)
+    worst = {k: max(abs(change[k][n]) for n in REFS) for k, _ in runs}
+    print("largest reference-loss change under AdamW: " + ", ".join(f"{k} {v:.5f}" for k, v in worst.items()))
+    assert worst["plain"] > 0.05
+    assert worst["gradient"] > 0.02  # Adam's step leaves the orthogonal complement
+    assert worst["update"] * 5 <= worst["gradient"] and worst["update"] * 20 <= worst["plain"]
+    assert change["update"]["toy_safety_sft"] < -0.2  # the safety loss still falls
+
+
 def test_plain_yaml_trains_exactly_as_stock(tiny, tmp_path):
     """A YAML without OGPSA keys: identical losses and weights with and without the activation."""
     cfg = base_config(tiny, None, max_steps=3)

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from ogpsa.plugin import projection
-from ogpsa.plugin.projection import BasisBuilder, SubspaceBasis, build_basis, project_, residual_cosines
+from ogpsa.plugin.projection import (
+    BasisBuilder,
+    NonFiniteGradient,
+    SubspaceBasis,
+    build_basis,
+    project_,
+    project_change_,
+    residual_cosines,
+    span_coordinates,
+)
 
 SHAPES = [(7, 5), (11,), (3, 4, 2), (1,)]
 
@@ -196,3 +205,96 @@ def test_streaming_builder_equals_one_shot():
     one_shot = build_basis(refs, "global")
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(streamed.directions, one_shot.directions))
     assert streamed.ref_norms.tolist() == pytest.approx([float(flat(r).norm()) for r in refs], rel=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_autograd_accumulates_into_the_builder_rows_and_scale_folds_in(granularity):
+    # The rebuild path: `.grad` is a view of the builder's next row, micro-batches accumulate into
+    # it in place, and `commit(scale=1/n)` turns the sum into the mean without a rescaling pass.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    params = list(model.parameters())
+    data = [torch.randn(4, 6) for _ in range(3)]
+
+    def loss_sum(x):
+        return model(x).square().sum()
+
+    means = [[g / 4 for g in torch.autograd.grad(loss_sum(x), params)] for x in data]
+    expected = build_basis(means, granularity)
+    builder = BasisBuilder(params, 3, granularity)
+    for j, x in enumerate(data):
+        rows = builder.next_row()
+        for p, buf in zip(params, rows):
+            p.grad = buf.view_as(p)
+        loss_sum(x[:2]).backward()
+        loss_sum(x[2:]).backward()
+        assert all(p.grad.data_ptr() == buf.data_ptr() for p, buf in zip(params, rows))  # no copy
+        for p in params:
+            p.grad = None
+        assert builder.commit(f"s{j}", scale=0.25) == pytest.approx(float(flat(means[j]).norm()), rel=1e-5)
+    got = builder.finish()
+    for a, b in zip(got.directions, expected.directions):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(got.coords, expected.coords):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_reference_gradient_is_refused_and_the_builder_stays_usable():
+    gen = torch.Generator().manual_seed(12)
+    r0, r1 = rand_grads(gen), rand_grads(gen)
+    builder = BasisBuilder(r0, 2, "global")
+    builder.add(r0, "a")
+    bad = [t.clone() for t in r1]
+    bad[2][0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteGradient, match="'b'"):
+        builder.add(bad, "b")
+    builder.add(r1, "c")
+    got, expected = builder.finish(), build_basis([r0, r1], "global")
+    assert got.names == ["a", "c"]
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(got.directions, expected.directions))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_update_projection_makes_an_adam_like_step_orthogonal(granularity):
+    # Adam rescales each coordinate of the (projected) gradient and weight decay adds -lr*wd*theta:
+    # the step leaves the orthogonal complement. Projecting the change itself, from the K
+    # coordinates noted before the step (no copy of the weights), brings it back.
+    gen = torch.Generator().manual_seed(21)
+    refs = [rand_grads(gen) for _ in range(3)]
+    basis = build_basis(refs, granularity)
+    theta = rand_grads(gen)
+    old = [t.clone() for t in theta]
+    g = rand_grads(gen)
+    project_(g, basis)
+    before = span_coordinates(theta, basis)
+    for t, gi in zip(theta, g):  # "optimizer step": per-coordinate scales, then decoupled decay
+        t.add_(-1e-2 * gi / (gi.abs().sqrt() + 1e-3)).mul_(1 - 1e-3)
+    step = [t - o for t, o in zip(theta, old)]
+    leak = max(abs(c) for c in residual_cosines(step, refs))
+    assert leak > 0.01  # the rescaled, decayed step is not orthogonal
+    observed, now = project_change_([t.clone() for t in theta], basis, before, "observe")
+    removed, after = project_change_(theta, basis, before)
+    assert removed == pytest.approx(observed) and removed > 0
+    assert torch.allclose(now, span_coordinates(theta, basis) + (now - before), atol=1e-6)
+    # a projected step keeps the coordinates: the returned ones serve as the next step's `before`
+    assert torch.allclose(after, before, atol=1e-5)
+    assert torch.allclose(span_coordinates(theta, basis), before, atol=1e-5)
+    step = [t - o for t, o in zip(theta, old)]
+    assert max(abs(c) for c in residual_cosines(step, refs)) < leak / 100
+    # what was removed lies in the span: the change keeps every out-of-span component
+    assert float(flat(step).norm()) > 0.5 * float(flat([-1e-2 * gi / (gi.abs().sqrt() + 1e-3) for gi in g]).norm())
+
+
+def test_update_projection_conflict_mode_only_touches_raising_blocks():
+    gen = torch.Generator().manual_seed(22)
+    refs = [rand_grads(gen) for _ in range(2)]
+    basis = build_basis(refs, "tensor")
+    theta = rand_grads(gen)
+    before = span_coordinates(theta, basis)
+    # a step along +r_0 on tensor 0 raises L_0 there (<d, r_0> > 0); along -r_0 on tensor 1 lowers it
+    theta[0].add_(1e-2 * refs[0][0])
+    theta[1].add_(-1e-2 * refs[0][1] - 1e-2 * refs[1][1])
+    moved = [t.clone() for t in theta]
+    project_change_(theta, basis, before, "conflict")
+    assert not torch.allclose(theta[0], moved[0])  # raising block projected
+    assert torch.equal(theta[1], moved[1])  # lowering block untouched
