@@ -42,10 +42,11 @@ import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from ogpsa.data_prep.common import write_atomic, write_json_atomic
 
 # Model presets: random-initialised Qwen2 (tied embeddings), parameter counts close to the names.
 # The vocabulary is larger than the toy tokenizer's (as Qwen's own 151936 > len(tokenizer)):
@@ -75,19 +76,6 @@ ENV = {
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def median(xs):
@@ -207,8 +195,8 @@ def build_data(root: Path, seq_len: int, ref_samples: int, n_train: int = 64) ->
                       for r in cycle(rows[src], ref_samples)]
     data_dir = root / "data"
     for name, r in data.items():
-        tiny.write_json_atomic(data_dir / f"{name}.json", r)
-    tiny.write_json_atomic(data_dir / "dataset_info.json", tiny.dataset_info(data))
+        write_json_atomic(data_dir / f"{name}.json", r)
+    write_json_atomic(data_dir / "dataset_info.json", tiny.dataset_info(data))
     return str(data_dir)
 
 

@@ -244,18 +244,48 @@ def write_outputs(
     return _write_all(out, blobs)
 
 
-def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def _temp_file(folder: Path, name: str, blob: bytes) -> str:
+    """`blob` in a new hidden temp file in `folder` (same file system as the target, so the rename is
+    atomic), with the mode a plain `open(..., "w")` would give; returns its path."""
     umask = os.umask(0o022)
     os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8) to `path` through a temp file and a rename: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_file(path.parent, path.name, data.encode("utf-8") if isinstance(data, str) else data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """`obj` as indented JSON (keys sorted for a dict), atomically."""
+    text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict)) + "\n"
+    return write_atomic(path, text)
+
+
+def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     temps: dict[str, str] = {}
     try:
         for file_name, blob in blobs.items():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{file_name}.", suffix=".tmp")
-            temps[file_name] = tmp
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
+            temps[file_name] = _temp_file(out, file_name, blob)
         for file_name, tmp in temps.items():  # registry last: it only names files already in place
             os.replace(tmp, out / file_name)
     finally:

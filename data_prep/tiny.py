@@ -18,13 +18,11 @@ Layout of DIR:
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
-from .common import atomic_dir
+from .common import atomic_dir, write_json_atomic
 
 ITEMS = ["apples", "books", "coins", "pencils", "stamps", "shells", "cards", "marbles"]
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
@@ -135,20 +133,6 @@ def dataset_info(names) -> dict:
         else:
             info[name] = {"file_name": f"{name}.json"}
     return info
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict))
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_data(out: Path, seed: int = 0, **sizes) -> Path:

@@ -34,8 +34,12 @@ Measures (each one optional; at least one must be asked for):
               `--max-new-tokens`, default 64) judged by `is_refusal`.
   over-refusal  the same rate on benign prompts (lower is better).
   lm-eval     `--lm-eval-tasks gsm8k,mmlu,ifeval` runs EleutherAI lm-evaluation-harness through its
-              Python API (`lm_eval.simple_evaluate` on the loaded model) when `lm_eval` is installed
-              (`pip install lm-eval`); otherwise the command stops with a message saying so.
+              Python API (`lm_eval.simple_evaluate` on the already loaded model, no second load)
+              when `lm_eval` is installed (`pip install lm-eval`); otherwise the command stops with
+              a message saying so. Its tasks download their data from the Hub; on a machine
+              without network, `--lm-eval-include-path DIR` adds task YAMLs of your own (for
+              example `dataset_path: json` over local files). Each task's numeric metrics land in
+              the flat metrics as `lm_eval/<task>/<metric>` (stderr omitted) and so in the report.
 
 Prompt files for --harmful/--benign: .txt (one prompt a line), .json/.jsonl rows with instruction
 (+ input) / prompt / question / goal, or a YAML with `seeds: [{value: ...}]` (AdvBench in PyRIT).
@@ -73,11 +77,12 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ogpsa.data_prep.common import write_atomic  # noqa: F401  (re-exported: report and runner use it)
 
 
 class EvalError(ValueError):
@@ -113,6 +118,9 @@ class EvalConfig:
     dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     lm_eval_tasks: list = _f([], "lm-evaluation-harness tasks, e.g. gsm8k,mmlu,ifeval (needs `pip install lm-eval`)")
     lm_eval_limit: int | None = _f(None, "limit per lm-eval task (for quick runs)")
+    lm_eval_include_path: str | None = _f(
+        None, "folder of your own lm-eval task YAMLs (e.g. tasks over local files, for offline machines)"
+    )
     keep_generations: int = _f(5, "sample generations kept in the output per prompt set")
     progress: bool = _f(True, "show tqdm progress bars")
 
@@ -488,22 +496,34 @@ def eval_refusals(model, tokenizer, template, cfg: EvalConfig, src: str, banned:
     return {"refusal_rate": sum(flags) / len(flags), "n": len(flags), "n_excluded": dropped, "source": src, "samples": samples}
 
 
-def check_lm_eval() -> None:
-    """Raise EvalError with the install command when lm-evaluation-harness is missing."""
+def check_lm_eval(cfg: EvalConfig) -> None:
+    """Before any model is loaded: EvalError with the install command when lm-evaluation-harness is
+    missing, or naming the folder when `lm_eval_include_path` does not exist."""
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
         raise EvalError("--lm-eval-tasks needs EleutherAI's lm-evaluation-harness, which is not installed: pip install lm-eval")
+    if cfg.lm_eval_include_path and not Path(cfg.lm_eval_include_path).expanduser().is_dir():
+        raise EvalError(f"lm_eval_include_path: folder not found: {cfg.lm_eval_include_path}")
 
 
 def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict:
     """lm-evaluation-harness tasks on the loaded model via its Python API (`simple_evaluate`)."""
-    check_lm_eval()
+    check_lm_eval(cfg)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from lm_eval.tasks import TaskManager
+
+    include = cfg.lm_eval_include_path and str(Path(cfg.lm_eval_include_path).expanduser())
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks), limit=cfg.lm_eval_limit)
+    manager = TaskManager(include_path=include) if include else None
+    try:
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=list(cfg.lm_eval_tasks), limit=cfg.lm_eval_limit, task_manager=manager, log_samples=False
+        )
+    except KeyError as e:  # an unknown task name
+        raise EvalError(f"lm_eval_tasks: lm-eval does not know task {e} (check the name or --lm-eval-include-path)") from None
     return json.loads(json.dumps(res.get("results", {}), default=str))
 
 
@@ -521,6 +541,13 @@ def _flat_metrics(result: dict) -> dict:
     if result.get("hhh"):
         m["hhh_acc"] = result["hhh"]["accuracy"]
         m["hhh_acc_norm"] = result["hhh"]["accuracy_norm"]
+    for task, scores in (result.get("lm_eval") or {}).items():
+        for key, value in scores.items():
+            # lm-eval keys a metric "name,filter" ("acc,none", "exact_match,strict-match"); other keys
+            # (alias, sample_len) are bookkeeping, and the stderr twins are left to the raw block
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = key.replace(",none", "").replace(",", ":")
+                m[f"lm_eval/{task}/{name}"] = float(value)
     return m
 
 
@@ -533,7 +560,7 @@ def evaluate_model(model_dir: str | os.PathLike, cfg: EvalConfig | dict | None =
     if not cfg.wants_anything():
         raise EvalError("nothing to evaluate: give capability, harmful, benign, hhh or lm_eval_tasks")
     if cfg.lm_eval_tasks:
-        check_lm_eval()
+        check_lm_eval(cfg)
     start = time.time()
     banned = reference_prompts(cfg)
     model, tokenizer, template = load_model(model_dir, cfg)
@@ -588,22 +615,6 @@ def evaluate_path(path: str | os.PathLike, cfg: EvalConfig, base: str | None = N
         print(f"[ogpsa eval] stage {st['name']}: {st['output']}", file=sys.stderr)
         result["stages"].append({**st, "eval": evaluate_model(st["output"], cfg)})
     return result
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _fmt(v) -> str:

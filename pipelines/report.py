@@ -97,9 +97,10 @@ def _cell(v) -> str:
 
 
 def markdown_table(runs: list[dict]) -> str:
-    """One row per (run, stage); columns: refusal rates, capability NLLs, NLL mean, HHH accuracy."""
+    """One row per (run, stage); columns: refusal rates, capability NLLs, NLL mean, HHH accuracy, lm-eval metrics."""
     nll_keys = sorted({k for r in runs for _, m in r["points"] for k in (m or {}) if k.startswith("nll/")})
-    cols = COLUMNS + [(k, f"{k} ↓") for k in nll_keys] + TAIL
+    lm_keys = sorted({k for r in runs for _, m in r["points"] for k in (m or {}) if k.startswith("lm_eval/")})
+    cols = COLUMNS + [(k, f"{k} ↓") for k in nll_keys] + TAIL + [(k, k) for k in lm_keys]
     lines = ["| run | stage | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for r in runs:
         for stage, m in r["points"]:

@@ -425,9 +425,15 @@ def project_change_(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     layout = basis.layout()
-    now = span_coordinates(tensors, basis)
+    device = tensors[0].device if tensors else basis.ref_norms.device
+    # "project" subtracts each block right after its coordinates are formed, as `project_` does
+    # (its rows are then still in cache for the second pass); the other modes need all of them first.
+    eager = mode == "project"
+    now = _coefficients(tensors, basis, layout, device, subtract=eager, minus=before if eager else None)
     delta = now - before  # (K,) U d per block
     in_span = float(delta.norm())
+    if eager:
+        return in_span, before  # U theta_new - U^T-part removed = before (to rounding, fixed next step)
     if mode == "observe":
         return in_span, now
     if mode == "conflict":
@@ -438,22 +444,29 @@ def project_change_(
     return in_span, now - delta
 
 
-def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device, subtract: bool) -> torch.Tensor:
-    """U g for every block, concatenated (K,) in float32; with `subtract`, also g -= U^T (U g)."""
+def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device, subtract: bool, minus=None) -> torch.Tensor:
+    """U g for every block, concatenated (K,) in float32; with `subtract`, also g -= U^T (U g - minus)
+    block by block (`minus`: (K,) float32 coordinates to keep, None for zero)."""
     pieces = []
+    offset = 0
     for block, k in zip(layout.blocks, layout.ranks):
         if k == 0:
             continue
         parts = [basis.directions[i] @ grads[i].reshape(-1) for i in block if grads[i] is not None]
         if not parts:
             pieces.append(torch.zeros(k, dtype=basis.directions[block[0]].dtype, device=device))
+            offset += k
             continue
         c = parts[0] if len(parts) == 1 else torch.stack(parts).float().sum(dim=0)
         pieces.append(c)
         if subtract:
+            # the difference is taken in float32: for the weights, U theta_new - U theta_old cancels
+            # their common part, which the storage dtype (bf16) could not resolve
+            r = c if minus is None else c.float() - minus[offset : offset + k]
             for i in block:
                 if grads[i] is not None:
-                    grads[i].view(-1).addmv_(basis.directions[i].t(), c.to(grads[i].dtype), alpha=-1.0)
+                    grads[i].view(-1).addmv_(basis.directions[i].t(), r.to(grads[i].dtype), alpha=-1.0)
+        offset += k
     if not pieces:
         return torch.zeros(0, dtype=torch.float32, device=device)
     return torch.cat([p.float() for p in pieces]) if len({p.dtype for p in pieces}) > 1 else torch.cat(pieces).float()

@@ -546,3 +546,23 @@ def test_outputs_load_with_llamafactory(tmp_path, sources, capsys):
     dpo = _load_with_llamafactory(model, out, ["saferlhf_dpo"], "dpo", tmp_path)
     assert len(dpo) == len(read(out / "saferlhf_dpo.json"))
     assert {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"} <= set(dpo.column_names)
+
+
+def test_atomic_writes_give_the_usual_file_mode_and_leave_nothing_on_failure(tmp_path):
+    """Every file the project writes (data, eval.json, pipeline.json, reports) goes through these two:
+    plain permissions (mkstemp alone would make them 0600), whole content, no stray temp file."""
+    from ogpsa.data_prep.common import write_atomic, write_json_atomic
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    text = write_atomic(tmp_path / "sub" / "a.md", "héllo\n")
+    data = write_json_atomic(tmp_path / "b.json", {"z": 1, "a": [1, 2]})
+    assert text.read_bytes() == "héllo\n".encode("utf-8")
+    assert json.loads(data.read_text()) == {"a": [1, 2], "z": 1} and data.read_text().index('"a"') < data.read_text().index('"z"')
+    for path in (text, data):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "taken").mkdir()  # the rename onto a folder fails: the error surfaces, no temp file stays
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "taken", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "sub", "taken"]
+    assert list((tmp_path / "taken").iterdir()) == []

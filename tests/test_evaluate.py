@@ -238,3 +238,79 @@ def test_eval_pipeline_folder(assets, tmp_path):
     assert [s["name"] for s in result["stages"]] == ["sft"] and result["stages"][0]["eval"]["capability"]["toy_math_eval"]["n_probes"] == 4
     assert report.main([str(run), "--out", str(tmp_path / "rep")]) == 0
     assert "| pipe (tiny) | sft |" in (tmp_path / "rep.md").read_text()
+
+
+LM_EVAL_TASK = """\
+task: ogpsa_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+LM_EVAL_DOCS = [
+    {"question": "What is two plus two?", "choices": ["four", "seven"], "label": 0},
+    {"question": "Which is a colour?", "choices": ["table", "blue"], "label": 1},
+    {"question": "Is fire cold?", "choices": ["no", "yes"], "label": 0},
+    {"question": "Which animal barks?", "choices": ["cat", "dog"], "label": 1},
+    {"question": "What do bees make?", "choices": ["honey", "steel"], "label": 0},
+]
+
+
+def _own_multiple_choice_accuracy(model_dir: str) -> float:
+    """lm-eval's multiple-choice rule computed here: the choice whose tokens, appended to the
+    context after a space, have the highest summed log-likelihood."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hits = 0
+    for doc in LM_EVAL_DOCS:
+        ctx = f"Question: {doc['question']}\nAnswer:"
+        scores = []
+        for choice in doc["choices"]:
+            whole = tok(ctx + " " + choice, add_special_tokens=False).input_ids
+            n_ctx = len(tok(ctx, add_special_tokens=False).input_ids)
+            with torch.no_grad():
+                logp = model(torch.tensor([whole])).logits.log_softmax(-1)[0]
+            scores.append(sum(float(logp[n_ctx - 1 + i, t]) for i, t in enumerate(whole[n_ctx:])))
+        hits += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
+    return hits / len(LM_EVAL_DOCS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_lm_eval_local_task_runs_on_the_loaded_model_and_reaches_the_report(assets, tmp_path, capsys, monkeypatch):
+    """A task of one's own over a local file (no network): lm-eval scores the model `ogpsa eval` loaded,
+    its accuracy equals the multiple-choice rule computed here, and the metric reaches the report."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    docs = tasks / "mc.jsonl"
+    docs.write_text("".join(json.dumps(d) + "\n" for d in LM_EVAL_DOCS))
+    (tasks / "ogpsa_local_mc.yaml").write_text(LM_EVAL_TASK.format(data=docs))
+    out = tmp_path / "run" / "eval.json"
+    args = [assets["model"], "--lm-eval-tasks", "ogpsa_local_mc", "--lm-eval-include-path", str(tasks),
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert evaluate.main(args) == 0
+    result = json.loads(out.read_text())
+    acc = result["metrics"]["lm_eval/ogpsa_local_mc/acc"]
+    assert acc == pytest.approx(_own_multiple_choice_accuracy(assets["model"]))
+    assert set(k for k in result["metrics"] if k.startswith("lm_eval/")) == {"lm_eval/ogpsa_local_mc/acc"}
+    _, _, table = report.make_report([str(out.parent)], str(tmp_path / "rep"))
+    assert "lm_eval/ogpsa_local_mc/acc" in table.splitlines()[0] and f"{acc:.3f}" in table
+    capsys.readouterr()
+    bad = [assets["model"], "--lm-eval-tasks", "no_such_task_xyz", "--lm-eval-include-path", str(tasks),
+           "--out", str(tmp_path / "bad.json"), "--no-progress", "--device", "cpu"]
+    assert evaluate.main(bad) == 2
+    assert "no_such_task_xyz" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    assert evaluate.main([*args[:3], "--lm-eval-include-path", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")]) == 2
+    assert "nope" in capsys.readouterr().err

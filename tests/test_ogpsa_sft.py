@@ -26,7 +26,8 @@ def test_first_order_preservation_sft(tiny, tmp_path):
         change[kind] = {n: after[n] - start[n] for n in names}
     plain_ref = max(abs(change["plain"][n]) for n in REFS)
     ogpsa_ref = max(abs(change["ogpsa"][n]) for n in REFS)
-    print(f"largest reference-loss change: plain {plain_ref:.5f}, ogpsa {ogpsa_ref:.5f}")
+    print(f"largest reference-loss change: plain {plain_ref:.5f}, ogpsa {ogpsa_ref:.5f}; "
+          f"safety loss change under ogpsa {change['ogpsa']['toy_safety_sft']:.4f}")
     assert plain_ref > 0.05, "the learning rate must visibly move the reference losses under plain SFT"
     assert ogpsa_ref * 10 <= plain_ref
     assert change["ogpsa"]["toy_safety_sft"] < -0.1  # the safety loss still falls
@@ -49,7 +50,8 @@ def test_update_target_keeps_first_order_preservation_under_adamw(tiny, tmp_path
             steps = [r for r in ogpsa_log(out) if "update_in_span_norm" in r]
             assert len(steps) == 4 and all(r["update_in_span_norm"] > 0 for r in steps)
     worst = {k: max(abs(change[k][n]) for n in REFS) for k, _ in runs}
-    print("largest reference-loss change under AdamW: " + ", ".join(f"{k} {v:.5f}" for k, v in worst.items()))
+    print("largest reference-loss change under AdamW: " + ", ".join(f"{k} {v:.5f}" for k, v in worst.items())
+          + f"; safety loss change under update {change['update']['toy_safety_sft']:.4f}")
     assert worst["plain"] > 0.05
     assert worst["gradient"] > 0.02  # Adam's step leaves the orthogonal complement
     assert worst["update"] * 5 <= worst["gradient"] and worst["update"] * 20 <= worst["plain"]
