@@ -512,7 +512,6 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict:
     check_lm_eval(cfg)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-
     from lm_eval.tasks import TaskManager
 
     include = cfg.lm_eval_include_path and str(Path(cfg.lm_eval_include_path).expanduser())

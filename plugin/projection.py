@@ -433,7 +433,7 @@ def project_change_(
     delta = now - before  # (K,) U d per block
     in_span = float(delta.norm())
     if eager:
-        return in_span, before  # U theta_new - U^T-part removed = before (to rounding, fixed next step)
+        return in_span, before  # U^T (now - before) was removed: the coordinates are back at `before`
     if mode == "observe":
         return in_span, now
     if mode == "conflict":
