@@ -717,7 +717,7 @@ def parse(argv=None):
                    help="gradient_accumulation_steps: micro-batches per optimizer step (the projection runs once "
                         "per optimizer step, so its share falls as this grows)")
     p.add_argument("--target", default="update", choices=["update", "gradient"],
-                   help="ogpsa_target of the OGPSA stages (update: the default, 3 passes over the basis per "
+                   help="ogpsa_target of the OGPSA stages (update: the default, 4 passes over the basis per "
                         "step; gradient: the paper's, 2)")
     p.add_argument("--seq-len", type=int, default=None, help="cutoff_len and the data's length (CPU 64, CUDA 1024)")
     p.add_argument("--ref-samples", type=int, default=None, help="samples per reference set (CPU 8, CUDA 100 as the paper)")

@@ -208,7 +208,7 @@ class OGPSACallback(TrainerCallback):
         )
         with bar:
             for name, grads, ntok in reference_gradients(
-                model, self.params, self.refs, self.collator, batch_size, device, bar, builder.next_row
+                model, self.params, self.refs, self.collator, batch_size, device, builder.next_row, bar
             ):
                 del grads  # views of the builder's next row, which now holds the gradient sum
                 try:

@@ -357,15 +357,12 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
     present = [g for g in grads if g is not None]
     device = present[0].device if present else basis.ref_norms.device
     layout = basis.layout()
-    m = basis.ref_norms.numel()
     # "project" removes every block's component whatever the statistics say, so each block is
     # subtracted right after its coefficients are formed: with tensor granularity U_i and g_i are
     # then still in cache (GPU L2) for the second pass, which roughly halves the DRAM traffic.
     eager = mode == "project"
     coef = _coefficients(grads, basis, layout, device, subtract=eager)  # (K,) fp32: U g per block
-    contrib = layout.coords * coef  # (m, K): each column's share of <g, r_j>
-    block_dots = torch.zeros((m, layout.num_blocks), dtype=torch.float32, device=device)
-    block_dots.index_add_(1, layout.col_block, contrib)
+    block_dots = _block_dots(layout, coef)
     dots = block_dots.sum(dim=1)  # (m,) whole-model <g, r_j>
     if mode == "project":
         gate = torch.ones(layout.num_blocks, dtype=torch.float32, device=device)
@@ -437,11 +434,16 @@ def project_change_(
     if mode == "observe":
         return in_span, now
     if mode == "conflict":
-        block_dots = torch.zeros((layout.coords.shape[0], layout.num_blocks), dtype=torch.float32, device=delta.device)
-        block_dots.index_add_(1, layout.col_block, layout.coords * delta)
-        delta = delta * (block_dots > 0).any(dim=0).float()[layout.col_block]
+        delta = delta * (_block_dots(layout, delta) > 0).any(dim=0).float()[layout.col_block]
     _subtract(tensors, basis, layout, delta)
     return in_span, now - delta
+
+
+def _block_dots(layout: "Layout", coef: torch.Tensor) -> torch.Tensor:
+    """(m, num_blocks) float32 <x_b, r_j|b> for every reference set j and block b, from the (K,)
+    block coordinates `coef` of x: r_j restricted to b is coords[b][j] @ U_b, so no pass over x."""
+    out = torch.zeros((layout.coords.shape[0], layout.num_blocks), dtype=torch.float32, device=coef.device)
+    return out.index_add_(1, layout.col_block, layout.coords * coef)
 
 
 def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device, subtract: bool, minus=None) -> torch.Tensor:

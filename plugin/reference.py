@@ -153,23 +153,23 @@ def reference_gradients(
     collator,
     batch_size: int,
     device: torch.device,
+    rows: Callable[[], list[torch.Tensor]],
     progress=None,
-    buffers: Callable[[], list[torch.Tensor]] | None = None,
 ) -> Iterator[tuple[str, list[torch.Tensor], int]]:
-    """Yield (name, gradient sum per parameter, token count) for each reference set, one at a time.
+    """Fill, for each reference set in turn, the buffers `rows()` returns with its gradient; yield
+    (name, those buffers shaped as the parameters, token count).
 
-    The gradient sum is that of the summed answer-token NLL (divide by the token count for the
-    mean), all-reduced over data-parallel ranks. `buffers`, if given, is called once per set and
-    returns one zeroed flat tensor per parameter (`BasisBuilder.next_row`): it is installed as
-    `.grad`, so autograd accumulates straight into it and the yielded tensors are views of it (no
-    copy, no allocation). Without it the yielded tensors are fresh. Either way `.grad` is None
-    between sets and after the last; `progress` (a tqdm-like object) is advanced per micro-batch.
+    `rows` is called once per set and returns one zeroed flat tensor per parameter
+    (`BasisBuilder.next_row`). They are installed as `.grad`, so autograd accumulates straight into
+    them: no copy, no allocation. The gradient is that of the summed answer-token NLL (divide by the
+    token count for the mean), all-reduced over data-parallel ranks. `.grad` is None between sets
+    and after the last; `progress` (a tqdm-like object) is advanced per micro-batch.
     """
     with _isolated(model, params, device):
         for ref in refs:
-            if buffers is not None:
-                for p, buf in zip(params, buffers()):
-                    p.grad = buf.view_as(p)
+            buffers = rows()
+            for p, buf in zip(params, buffers):
+                p.grad = buf.view_as(p)
             tokens = torch.zeros((), dtype=torch.float64, device=device)
             for batch in _shard_batches(ref, batch_size, collator, device):
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -178,11 +178,14 @@ def reference_gradients(
                 tokens += n
                 if progress is not None:
                     progress.update(1)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            for p in params:
+            for p, buf in zip(params, buffers):
+                # autograd adds into an existing .grad in place; should it have put a new tensor there
+                # instead (a hook, another layout), that tensor holds the whole sum: bring it home
+                if p.grad is not None and p.grad.data_ptr() != buf.data_ptr():
+                    buf.copy_(p.grad.reshape(-1))
                 p.grad = None
-            _all_reduce_sum([tokens, *grads])
-            yield ref.name, grads, int(tokens.item())
+            _all_reduce_sum([tokens, *buffers])
+            yield ref.name, [buf.view_as(p) for p, buf in zip(params, buffers)], int(tokens.item())
 
 
 def num_batches(refs: list[ReferenceSet], batch_size: int) -> int:

@@ -59,7 +59,7 @@ class OGPSAArguments:
             "help": "'update': project the accumulated, clipped gradient before optimizer.step, then the "
             "optimizer's actual parameter change after it, so the reference losses are unchanged to first "
             "order under any optimizer (Adam's per-coordinate rescaling and weight decay included); costs "
-            "about 1.5 more passes over the basis per step. 'gradient': the gradient only, as the paper and "
+            "two more passes over the basis per step (four instead of two). 'gradient': the gradient only, as the paper and "
             "its released code; first-order exact under SGD only, since Adam turns the step out of the "
             "orthogonal complement."
         },

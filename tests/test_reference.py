@@ -1,0 +1,80 @@
+"""`reference_gradients`: the rebuild's forward/backward, on a small pure-torch causal LM (no LLaMA-Factory)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ogpsa.plugin.reference import ReferenceSet, reference_gradients
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> linear head; `.loss` is the mean next-token NLL over labels != -100, as HF models."""
+
+    def __init__(self, vocab: int = 11, hidden: int = 6):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        logits = self.head(self.emb(input_ids))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return SimpleNamespace(loss=loss)
+
+
+def _sets(gen: torch.Generator) -> list[ReferenceSet]:
+    def row(n_prompt: int, n_answer: int) -> dict:
+        ids = torch.randint(0, 11, (n_prompt + n_answer,), generator=gen).tolist()
+        return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
+
+    return [ReferenceSet("a", [row(3, 4) for _ in range(5)]), ReferenceSet("b", [row(2, 5) for _ in range(3)])]
+
+
+def collate(rows: list[dict]) -> dict:
+    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels")}
+
+
+def _expected(model: TinyLM, ref: ReferenceSet) -> tuple[list[torch.Tensor], int]:
+    """Gradient of the summed answer-token NLL over the whole set, in one batch."""
+    batch = collate(ref.features)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    grads = torch.autograd.grad(model(**batch).loss * n, list(model.parameters()))
+    return list(grads), n
+
+
+def test_gradients_accumulate_into_the_given_rows():
+    gen = torch.Generator().manual_seed(0)
+    model, sets = TinyLM(), _sets(gen)
+    params = list(model.parameters())
+    handed: list[list[torch.Tensor]] = []
+
+    def rows():
+        handed.append([torch.zeros(p.numel()) for p in params])
+        return handed[-1]
+
+    got = {name: (grads, n) for name, grads, n in reference_gradients(model, params, sets, collate, 2, torch.device("cpu"), rows)}
+    for ref, bufs in zip(sets, handed):
+        grads, n = got[ref.name]
+        want, n_want = _expected(model, ref)
+        assert n == n_want
+        assert [g.data_ptr() for g in grads] == [b.data_ptr() for b in bufs]  # the rows themselves, no copy
+        for g, w, b in zip(grads, want, bufs):
+            assert torch.allclose(g, w, atol=1e-5) and torch.equal(b.view_as(w), g)
+
+
+def test_a_gradient_that_autograd_moved_elsewhere_still_lands_in_the_row():
+    # A post-accumulate hook that swaps .grad for a copy: autograd then accumulates the later
+    # micro-batches into that copy, not into the row. The row must still end up with the whole sum.
+    gen = torch.Generator().manual_seed(1)
+    model, sets = TinyLM(), _sets(gen)
+    model.emb.weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
+    params = list(model.parameters())
+    got = {name: grads for name, grads, _ in reference_gradients(
+        model, params, sets, collate, 2, torch.device("cpu"), lambda: [torch.zeros(p.numel()) for p in params])}
+    assert all(p.grad is None for p in params)
+    for ref in sets:
+        grads = got[ref.name]
+        want, _ = _expected(model, ref)
+        for g, w in zip(grads, want):
+            assert torch.allclose(g, w, atol=1e-5)
