@@ -131,11 +131,15 @@ def _before_train(config_path: str, overrides: list[str]) -> int | None:
 
 
 def _validate_stage_args(args: dict, where: str) -> None:
+    from ogpsa.plugin.engines import check_arguments
     from ogpsa.plugin.reference import check_registered
     from ogpsa.plugin.settings import split_ogpsa_args
 
     settings, stock = split_ogpsa_args(args, f"{where}: ")
-    if settings is not None and isinstance(stock.get("dataset_dir", "data"), str):
+    if settings is None:
+        return
+    check_arguments(stock.get, settings, f"{where}: ")
+    if isinstance(stock.get("dataset_dir", "data"), str):
         check_registered(settings.reference_names, stock.get("dataset_dir", "data"))
 
 

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ogpsa.plugin.engines import check_arguments
 from ogpsa.plugin.settings import PREFIX, OGPSAConfigError, split_ogpsa_args
 
 STAGE_TYPES = ("sft", "dpo", "ogpsa_sft", "ogpsa_dpo")
@@ -150,6 +151,8 @@ def _check_stage(spec: StageSpec, where: str) -> None:
     unknown = sorted(set(stock) - llamafactory_train_keys())
     if unknown:
         raise RecipeError(f"{at}{', '.join(unknown)}: unknown LLaMA-Factory key(s)")
+    if settings is not None:
+        check_arguments(stock.get, settings, at)  # engine, offload, pure_bf16 + update, ...
     dataset_dir = stock.get("dataset_dir", "data")
     info = _dataset_info(dataset_dir, at)
     if info is None:

@@ -1,22 +1,27 @@
 """`OGPSACallback`: the projection inside a Hugging Face / LLaMA-Factory trainer.
 
-The training order of one optimizer step, as the trainer runs it with this callback attached:
+The training order of one optimizer step, written down once here (README "Design" repeats it):
 
     on_step_begin        rebuild the subspace if this step is due (step 0, then every K steps):
                          reference forward/backward with .grad empty before and after, RNG forked
-    for each micro-batch: forward -> backward       (gradients accumulate in .grad; DDP all-reduces
-                                                     on the last micro-batch)
-    clip_grad_norm_                                  (trainer, when max_grad_norm > 0)
-    on_pre_optimizer_step  project: g <- g - U^T U g (once, on the accumulated, synchronised gradient);
-                           with ogpsa_target=update, also note the weights' coordinates c = U theta
+    for each micro-batch: forward -> backward       (gradients accumulate; DDP all-reduces on the last
+                                                     micro-batch; ZeRO and FSDP2 reduce into shards)
+    clip                 trainer (DDP, FSDP2: clip_grad_norm_) or engine (ZeRO: unscale_and_clip_grads)
+    project              g <- g - U^T U g on the accumulated, synchronised, clipped gradient; with
+                         ogpsa_target=update, also note the weights' coordinates c = U theta
     optimizer.step()
-    on_optimizer_step      ogpsa_target=update only: theta <- theta - U^T (U theta - c), so the step
-                           the optimizer actually took (Adam's rescaling, weight decay) is orthogonal too
+    project the step     ogpsa_target=update only: theta <- theta - U^T (U theta - c), on the float32
+                         master weights, so the step the optimizer actually took (Adam's rescaling,
+                         weight decay) is orthogonal too
     zero_grad
 
-So the projected update equals the projection of the accumulated gradient, every data-parallel
-rank projects the same averaged gradient with the same basis, and no reference gradient is ever
-in .grad when the optimizer steps.
+Where "project" and "project the step" run depends on the engine (`sharding.py`): in the trainer's
+`on_pre_optimizer_step` / `on_optimizer_step` for one process, DDP and FSDP2; inside
+`engine.step()`, around each ZeRO partition group's `_optimizer_step`, for DeepSpeed ZeRO-1/2/3
+(the engine steps from `backward()`, before the trainer's callbacks fire). Either way the
+projected update equals the projection of the accumulated gradient, every data-parallel rank
+projects the same averaged gradient with the same basis (or its own piece of both, with the inner
+products summed over ranks), and no reference gradient is ever in .grad when the optimizer steps.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
+from .engines import check_arguments, detect
 from .projection import (
     MODES,
     BasisBuilder,
     NonFiniteGradient,
+    ProjectionStats,
     SubspaceBasis,
+    basis_fingerprint,
     project_,
     project_change_,
     span_coordinates,
@@ -46,9 +54,11 @@ from .reference import (
     check_registered,
     num_batches,
     reference_gradients,
+    sharded_reference_gradients,
     tokenize_reference_sets,
 )
-from .settings import OGPSAArguments, OGPSAConfigError
+from .settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
+from .sharding import Replicated, ShardLayout
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +87,14 @@ class OGPSACallback(TrainerCallback):
         self.rebuilds = 0
         self._pending: dict[str, list[float]] = defaultdict(list)
         self._last_rebuild: dict[str, Any] = {}
-        self._coords: Optional[torch.Tensor] = None  # ogpsa_target=update: U theta, kept by projected steps
+        self.layout: ShardLayout = Replicated([])
+        self._undo_hook = None
+        # ogpsa_target=update: U theta per parameter group (one group unless ZeRO), kept by projected steps
+        self._coords: dict[int, torch.Tensor] = {}
+        self._stats: list[ProjectionStats] = []  # this step's projections, one per group
+        self._stats_after: list[ProjectionStats] = []
+        self._in_span_sq = 0.0
+        self._step_args = None
         self._step_record: dict[str, Any] = {}
         self._output_existed = True
         self._log_path: Optional[str] = None
@@ -88,7 +105,7 @@ class OGPSACallback(TrainerCallback):
         self.model_args, self.data_args = model_args, data_args
         self.training_args, self.finetuning_args = training_args, finetuning_args
         self._output_existed = os.path.exists(training_args.output_dir)
-        check_supported(training_args, finetuning_args)
+        check_supported(training_args, finetuning_args, self.settings)
         if isinstance(data_args.dataset_dir, str):
             check_registered(self.settings.reference_names, data_args.dataset_dir)
 
@@ -130,21 +147,29 @@ class OGPSACallback(TrainerCallback):
             processor=processor,
         )
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise OGPSAConfigError("ogpsa: the model has no trainable parameters")
-        low = sorted({str(p.dtype) for p in self.params if p.dtype not in (torch.float32, torch.float64)})
+        self.layout = detect(model, optimizer, self.params, self.settings)
+        low = sorted({str(t.dtype) for t in self.layout.like() if t.dtype not in (torch.float32, torch.float64)})
         if low and self.settings.ogpsa_target == "update" and state.is_world_process_zero:
             logger.warning(
                 f"ogpsa_target=update: trainable weights in {', '.join(low)} cannot resolve a step's in-span part "
                 "exactly (fp32 master weights can; LLaMA-Factory keeps them unless pure_bf16 is set)"
             )
         self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
+        if self.layout.steps_inside_engine:
+            self._undo_hook = self.layout.hook_step(self._project_group, self._project_group_step)
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             self._log_path = os.path.join(args.output_dir, LOG_FILE)
             self._write(self._last_rebuild)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._undo_hook is not None:
+            self._undo_hook()
+            self._undo_hook = None
 
     # ---- the step ---------------------------------------------------------------------------
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -152,9 +177,49 @@ class OGPSACallback(TrainerCallback):
         due = k > 0 and state.global_step % k == 0 and state.global_step != self.built_at_step
         if due:
             self.rebuild(args, state, model)
+        self._step_args = (args, state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        stats = project_([p.grad for p in self.params], self.basis, self.settings.ogpsa_mode)
+        if not self.layout.steps_inside_engine:
+            self._project_group(0)
+        self._finish_gradient(state)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if not self.layout.steps_inside_engine:
+            self._project_group_step(0)
+        if self._step_record:
+            if self.settings.ogpsa_target == "update":
+                in_span = self._in_span_sq**0.5
+                self._pending["update_in_span_norm"].append(in_span)
+                self._step_record["update_in_span_norm"] = in_span
+            self._write(self._step_record)
+        self._step_record, self._in_span_sq = {}, 0.0
+
+    def _project_group(self, group: int) -> None:
+        """Project one parameter group's (clipped, synchronised) gradient; note U theta for the update."""
+        reduce = self.layout.reduce
+        grads = self.layout.grads(group)
+        self._stats.append(project_(grads, self.basis, self.settings.ogpsa_mode, reduce))
+        if self._step_args is not None and self._due_to_log(*self._step_args):
+            # Measured, not assumed: cosine of the projected gradient with each reference gradient.
+            self._stats_after.append(project_(grads, self.basis, "observe", reduce))
+        if self.settings.ogpsa_target == "update" and group not in self._coords:  # once per basis
+            self._coords[group] = span_coordinates(self.layout.weights(group), self.basis, reduce)
+
+    def _project_group_step(self, group: int) -> None:
+        """ogpsa_target=update: remove the in-span part of the step the optimizer just took."""
+        if self.settings.ogpsa_target != "update" or group not in self._coords:
+            return
+        in_span, self._coords[group] = project_change_(
+            self.layout.weights(group), self.basis, self._coords[group], self.settings.ogpsa_mode, self.layout.reduce
+        )
+        self._in_span_sq += in_span**2
+
+    def _finish_gradient(self, state) -> None:
+        """Merge this step's per-group statistics into one record (none when the engine skipped the step)."""
+        if not self._stats:
+            return
+        stats = ProjectionStats.merge(self._stats)
         record = {
             "step": state.global_step + 1,
             "grad_norm": stats.grad_norm,
@@ -163,64 +228,29 @@ class OGPSACallback(TrainerCallback):
         }
         for name, cos in zip(self.basis.names, stats.cosines):
             record[f"cos/{name}"] = cos
-        if self.settings.ogpsa_target == "update" and self._coords is None:  # once per basis
-            self._coords = span_coordinates(self._weights(), self.basis)
-        if self._due_to_log(args, state):
-            # Measured, not assumed: cosine of the projected gradient with each reference gradient.
-            after = project_([p.grad for p in self.params], self.basis, "observe")
+        if self._stats_after:
+            after = ProjectionStats.merge(self._stats_after)
             for name, cos in zip(self.basis.names, after.cosines):
                 record[f"cos_after/{name}"] = cos
         for key, value in record.items():
             if key != "step":
                 self._pending[key].append(float(value))
-        if self._coords is None:
-            self._write(record)
-        else:
-            self._step_record = record  # written once the update is projected too
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._coords is None:
-            return
-        in_span, self._coords = project_change_(self._weights(), self.basis, self._coords, self.settings.ogpsa_mode)
-        self._pending["update_in_span_norm"].append(in_span)
-        self._write({**self._step_record, "update_in_span_norm": in_span})
-
-    def _weights(self) -> list[torch.Tensor]:
-        return [p.detach() for p in self.params]
+        self._stats, self._stats_after = [], []
+        self._step_record = record
 
     # ---- rebuild ----------------------------------------------------------------------------
     def rebuild(self, args, state, model) -> None:
         """Recompute reference gradients at the current weights and orthonormalise them."""
-        from tqdm.auto import tqdm
-
         start = time.perf_counter()
         self.basis = None  # free the old basis first: a rebuild then peaks at one basis + one gradient
-        self._coords = None  # coordinates in the old basis mean nothing in the new one
-        device = self.params[0].device
-        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
-        builder = BasisBuilder([p for p in self.params], len(self.refs), self.settings.ogpsa_granularity)
-        norms, tokens = {}, {}
-        bar = tqdm(
-            total=num_batches(self.refs, batch_size),
-            desc=f"ogpsa rebuild @ step {state.global_step}",
-            disable=not state.is_world_process_zero,
-            leave=False,
-        )
-        with bar:
-            for name, grads, ntok in reference_gradients(
-                model, self.params, self.refs, self.collator, batch_size, device, builder.next_row, bar
-            ):
-                del grads  # views of the builder's next row, which now holds the gradient sum
-                try:
-                    norms[name] = builder.commit(name, scale=1.0 / max(ntok, 1))
-                except NonFiniteGradient:
-                    raise ReferenceDataError(
-                        f"ogpsa_reference: the gradient of reference set {name!r} is not finite at step "
-                        f"{state.global_step} (check the data and the learning rate)"
-                    ) from None
-                tokens[name] = ntok
+        self._coords = {}  # coordinates in the old basis mean nothing in the new one
+        name = BASIS_DTYPES[self.settings.ogpsa_basis_dtype]
+        dtype = getattr(torch, name) if name else None
+        builder = BasisBuilder(self.layout.like(), len(self.refs), self.settings.ogpsa_granularity,
+                               reduce=self.layout.reduce, dtype=dtype)
+        norms, tokens = self._fill(builder, args, state, model)
         self.basis = builder.finish()
-        spread = rank_spread(self.basis)
+        spread = rank_spread(self.basis, sharded=self.layout.sharded)
         if spread != 0.0:
             logger.warning(f"ogpsa: data-parallel ranks hold different bases (spread {spread:.3e})")
         self.built_at_step = state.global_step
@@ -228,13 +258,57 @@ class OGPSACallback(TrainerCallback):
         seconds = time.perf_counter() - start
         self._pending["rebuild_seconds"].append(seconds)
         event = {"event": "rebuild", "step": state.global_step, "seconds": round(seconds, 4)}
-        event.update({"rank": self.basis.rank(), "basis_bytes": self.basis.nbytes()})
-        event.update({"params": len(self.params), "param_numel": sum(p.numel() for p in self.params)})
-        event.update({"world_size": args.world_size, "rank_spread": spread})
+        event.update({"rank": self.basis.rank(), **self._basis_bytes()})
+        event.update({"params": len(self.params), "param_numel": sum(map(self.layout.full_numel, range(len(self.params))))})
+        event.update({"world_size": args.world_size, "engine": self.layout.engine, "rank_spread": spread})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
         event.update({f"tokens/{n}": v for n, v in tokens.items()})
         self._last_rebuild = event
         self._write(event)
+
+    def _fill(self, builder: BasisBuilder, args, state, model) -> tuple[dict, dict]:
+        """Run the reference sets through the model and commit each gradient to `builder`."""
+        from tqdm.auto import tqdm
+
+        device = self.params[0].device
+        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
+        layout = self.layout
+        # zero-copy (autograd accumulates into the basis rows) needs whole parameters in their own dtype
+        direct = not layout.sharded and all(r.dtype == p.dtype for r, p in zip(builder.next_row(), self.params))
+        norms, tokens = {}, {}
+        bar = tqdm(
+            total=num_batches(self.refs, batch_size, even=layout.collective_forward),
+            desc=f"ogpsa rebuild @ step {state.global_step}",
+            disable=not state.is_world_process_zero,
+            leave=False,
+        )
+        if direct:
+            grads = reference_gradients(model, self.params, self.refs, self.collator, batch_size, device,
+                                        builder.next_row, bar)
+            stream = ((name, ntok, 1.0) for name, _, ntok in grads)
+        else:
+            grads = sharded_reference_gradients(model, self.params, self.refs, self.collator, batch_size, device,
+                                                builder.next_row, layout, bar)
+            stream = ((name, ntok, scale) for name, _, ntok, scale in grads)
+        with bar:
+            for name, ntok, scale in stream:
+                try:
+                    norms[name] = builder.commit(name, scale=scale / max(ntok, 1))
+                except NonFiniteGradient:
+                    raise ReferenceDataError(
+                        f"ogpsa_reference: the gradient of reference set {name!r} is not finite at step "
+                        f"{state.global_step} (check the data and the learning rate)"
+                    ) from None
+                tokens[name] = ntok
+        return norms, tokens
+
+    def _basis_bytes(self) -> dict[str, int]:
+        """This rank's basis bytes and, sharded, the total over ranks."""
+        local = self.basis.nbytes()
+        if not self.layout.sharded:
+            return {"basis_bytes": local, "basis_bytes_total": local}
+        total = torch.tensor([float(local)], dtype=torch.float64, device=self.basis.ref_norms.device)
+        return {"basis_bytes": local, "basis_bytes_total": int(self.layout.reduce(total).item())}
 
     # ---- logging ----------------------------------------------------------------------------
     @staticmethod
@@ -259,21 +333,19 @@ class OGPSACallback(TrainerCallback):
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def rank_spread(basis: SubspaceBasis) -> float:
+def rank_spread(basis: SubspaceBasis, sharded: bool = False) -> float:
     """Largest difference across data-parallel ranks of a fingerprint of the basis (0.0 = identical).
 
-    The fingerprint (sums of the coordinates, reference norms and one projection of a fixed
-    vector) is cheap and changes with any difference in the reference gradients or the rows.
+    The fingerprint (sums of the coordinates, reference norms and, unless each rank holds only its
+    own piece of the rows, one projection of a fixed vector) is cheap and changes with any
+    difference in the reference gradients or the rows. Each row is reduced in float32 without a
+    float32 copy of it.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 0.0
-    device = basis.ref_norms.device
-    probe = [torch.ones_like(d[0]) if d.shape[0] else None for d in basis.directions]
-    parts = [basis.ref_norms.sum()] + [c.sum() for c in basis.coords]
-    parts += [(d.float() @ p.float()).sum() for d, p in zip(basis.directions, probe) if p is not None]
-    fingerprint = torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum().reshape(1)
+    fingerprint = basis_fingerprint(basis, rows=not sharded).reshape(1)
     gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, fingerprint)
     values = torch.cat(gathered)
@@ -287,17 +359,13 @@ def _steps(args, state) -> int:
     return int(steps)
 
 
-def check_supported(training_args, finetuning_args) -> None:
-    """Refuse set-ups where the gradient is not a plain `.grad` per parameter at step time."""
-    if getattr(training_args, "deepspeed", None):
-        raise OGPSAConfigError(
-            "deepspeed: OGPSA does not support DeepSpeed ZeRO yet (gradients are partitioned inside the "
-            "engine, not in param.grad); use DDP (FORCE_TORCHRUN=1 NPROC_PER_NODE=N) - see README, 'Design'"
-        )
-    if getattr(training_args, "fsdp", None):
-        raise OGPSAConfigError(
-            "fsdp: OGPSA does not support FSDP yet (sharded gradients); use DDP - see README, 'Design'"
-        )
-    for flag in ("use_badam", "use_galore", "use_apollo", "use_muon", "use_adam_mini"):
-        if getattr(finetuning_args, flag, False):
-            raise OGPSAConfigError(f"{flag}: not supported together with OGPSA stages")
+def check_supported(training_args, finetuning_args, settings: OGPSAArguments) -> None:
+    """Refuse, from the parsed arguments, set-ups the projection cannot serve (see `engines.py`)."""
+
+    def get(key):
+        for args in (training_args, finetuning_args):
+            if hasattr(args, key):
+                return getattr(args, key)
+        return None
+
+    check_arguments(get, settings)

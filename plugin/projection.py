@@ -30,6 +30,12 @@ Worked example (one block, m = 2, exact arithmetic):
     >>> [round(c, 4) for c in stats.cosines]  # raw cosines with r_1 and r_2
     [0.4243, -0.1]
 
+Sharded gradients (ZeRO, FSDP2): every function below also takes `reduce`, a callable that sums a
+float32 tensor over the ranks that hold the other pieces of each parameter (an all-reduce). Each
+rank then passes only its own pieces (`grads[i]` and `directions[i]` restricted to the same slice
+of parameter i); inner products are partial sums until `reduce` completes them, so every rank
+makes the same decisions (ranks, gates) and subtracts U^T c from its own slice only.
+
 In "conflict" mode (A-GEM style) the in-span component is removed only from a block whose
 gradient conflicts with some reference gradient, i.e. <g, r_j> < 0 for some j, meaning the
 descent step -lr * g would raise L_j to first order. The g above conflicts with r_2, so it would
@@ -49,6 +55,11 @@ import torch
 # round-off after two Gram-Schmidt passes is ~1e-7 relative, so 1e-5 sits well above noise while
 # a genuinely new direction (cosine < 0.99999 with the span) is kept.
 RANK_RTOL = 1e-5
+
+# Low-precision inner products are upcast to float32 this many elements at a time, so the scratch
+# is bounded (k rows x 2^24 x 4 bytes = 192 MB at k = 3) instead of a float32 copy of a whole
+# embedding's rows (several GB for a 7B model).
+UPCAST_CHUNK = 1 << 24
 
 GRANULARITIES = ("tensor", "global")
 MODES = ("project", "conflict", "observe")
@@ -158,12 +169,38 @@ def block_layout(num_params: int, granularity: str) -> list[list[int]]:
 
 
 def _mv(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # rows @ v with the inner products accumulated and returned in (at least) float32: low-precision
-    # storage is upcast for the product, one tensor at a time, so a transient fp32 copy of only
-    # that tensor's rows exists.
-    if rows.dtype in (torch.float32, torch.float64):
+    """rows @ v with the inner products accumulated and returned in (at least) float32.
+
+    float32/float64 storage goes straight to one matvec. Low-precision storage (bf16, fp16) would
+    round each product sum to 8 or 11 bits, which for U theta of the weights is coarser than a
+    step; it is upcast UPCAST_CHUNK columns at a time, so the scratch stays bounded.
+    """
+    if rows.dtype == torch.float32 and v.dtype == torch.float32:
         return torch.mv(rows, v)
-    return torch.mv(rows.float(), v.float())
+    out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for start in range(0, v.numel(), UPCAST_CHUNK):
+        stop = start + UPCAST_CHUNK
+        out += torch.mv(rows[:, start:stop].float(), v[start:stop].float()).float()
+    return out
+
+
+def _sub_rows_(x: torch.Tensor, rows: torch.Tensor, c: torch.Tensor) -> None:
+    """x -= rows^T c in place on x's storage (x flat, rows (k, x.numel()), c (k,) float32).
+
+    One `addmv_` when the dtypes agree; a basis stored in another dtype than x (e.g.
+    ogpsa_basis_dtype=bfloat16 with float32 gradients) is cast UPCAST_CHUNK columns at a time.
+    """
+    if rows.dtype == x.dtype:
+        x.addmv_(rows.t(), c.to(x.dtype), alpha=-1.0)
+        return
+    c = c.to(x.dtype)
+    for start in range(0, x.numel(), UPCAST_CHUNK):
+        stop = start + UPCAST_CHUNK
+        x[start:stop].addmv_(rows[:, start:stop].t().to(x.dtype), c, alpha=-1.0)
+
+
+def _no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class BasisBuilder:
@@ -185,13 +222,25 @@ class BasisBuilder:
     themselves have. All blocks are processed together, with two host syncs per reference set.
     """
 
-    def __init__(self, like: list[torch.Tensor], max_rank: int, granularity: str = "tensor", rtol: float = RANK_RTOL):
+    def __init__(
+        self,
+        like: list[torch.Tensor],
+        max_rank: int,
+        granularity: str = "tensor",
+        rtol: float = RANK_RTOL,
+        reduce=None,
+        dtype: torch.dtype | None = None,
+    ):
+        """like[i]: a tensor with the numel, dtype and device of (this rank's piece of) parameter i.
+        reduce: see the module docstring (None: each rank holds whole parameters). dtype: storage of
+        the rows (None: each parameter's own dtype)."""
         self.granularity = granularity
         self.rtol = rtol
+        self.reduce = reduce or _no_reduce
         self.blocks = block_layout(len(like), granularity)
         self.block_of = [b for b, block in enumerate(self.blocks) for _ in block]
         # rows[i][q] is row q of parameter i's slice; filled in place as directions are accepted.
-        self.rows = [torch.zeros((max_rank, t.numel()), dtype=t.dtype, device=t.device) for t in like]
+        self.rows = [torch.zeros((max_rank, t.numel()), dtype=dtype or t.dtype, device=t.device) for t in like]
         self.max_rank = max_rank
         self.rank = [0] * len(self.blocks)
         self.coeffs: list[list[list[float]]] = [[] for _ in self.blocks]  # per block, per set: <r_j, u_q>
@@ -224,18 +273,18 @@ class BasisBuilder:
         """
         v = self.next_row()
         ks = [self.rank[b] for b in self.block_of]
-        sq0 = self._block_sq(v)
+        sq0 = self.reduce(self._block_sq(v))
         if not bool(sq0.sum().isfinite()):  # one sync; checked before anything is changed
             torch._foreach_zero_(v)
             raise NonFiniteGradient(f"reference gradient {name!r} is not finite")
         coef: list[torch.Tensor | None] = [None] * len(self.blocks)
         for _ in range(2):  # CGS2
-            c = self._block_coefficients(v, ks)
+            c = self._reduce_blocks(self._block_coefficients(v, ks))
             coef = [ci if prev is None else prev + ci for prev, ci in zip(coef, c)]
             for i, (vi, k) in enumerate(zip(v, ks)):
                 if k:
                     vi.addmv_(self.rows[i][:k].t(), c[self.block_of[i]].to(vi.dtype), alpha=-1.0)
-        sq = self._block_sq(v)
+        sq = self.reduce(self._block_sq(v))
         host = torch.cat([sq0, sq, *[c for c in coef if c is not None]]).tolist()  # the one sync
         nb = len(self.blocks)
         sq0_h, sq_h, flat = host[:nb], host[nb : 2 * nb], iter(host[2 * nb :])
@@ -268,6 +317,14 @@ class BasisBuilder:
             index = torch.tensor(self.block_of, dtype=torch.long, device=device)
             out.index_add_(0, index, norms.square())
         return out
+
+    def _reduce_blocks(self, coefs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Complete the per-block partial inner products over the shard group (one reduce call)."""
+        kept = [c for c in coefs if c is not None]
+        if not kept or self.reduce is _no_reduce:
+            return coefs
+        flat = iter(self.reduce(torch.cat([c.float() for c in kept])).split([c.numel() for c in kept]))
+        return [None if c is None else next(flat) for c in coefs]
 
     def _block_coefficients(self, v: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor | None]:
         """Per block, U_b v_b as a float32 (k_b,) tensor (None for a block with no rows yet)."""
@@ -324,7 +381,8 @@ class ProjectionStats:
 
     grad_norm: norm of the raw gradient; removed_norm: norm of what was subtracted;
     removed_fraction = removed_norm / grad_norm; cosines[j]: cosine between the raw gradient and
-    reference gradient j (whole-model); projected_blocks: blocks that were changed.
+    reference gradient j (whole-model); projected_blocks: blocks that were changed; dots[j]: the raw
+    <g, r_j> and ref_norms[j]: |r_j|, so that `merge` can combine calls over disjoint parameters.
     """
 
     grad_norm: float
@@ -333,22 +391,49 @@ class ProjectionStats:
     cosines: list[float]
     projected_blocks: int
     total_blocks: int
+    dots: list[float] = field(default_factory=list)
+    ref_norms: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, grad_sq: float, removed_sq: float, dots: list[float], ref_norms: list[float], projected: int,
+           total: int) -> "ProjectionStats":
+        gnorm, rnorm = math.sqrt(max(grad_sq, 0.0)), math.sqrt(max(removed_sq, 0.0))
+        cosines = [d / (gnorm * n) if gnorm > 0 and n > 0 else 0.0 for d, n in zip(dots, ref_norms)]
+        return cls(gnorm, rnorm, rnorm / gnorm if gnorm > 0 else 0.0, cosines, projected, total, dots, ref_norms)
+
+    @classmethod
+    def merge(cls, parts: list["ProjectionStats"]) -> "ProjectionStats":
+        """One step's statistics from calls over disjoint sets of parameters (e.g. ZeRO's groups)."""
+        if len(parts) == 1:
+            return parts[0]
+        dots = [sum(col) for col in zip(*(p.dots for p in parts))]
+        return cls.of(
+            sum(p.grad_norm**2 for p in parts),
+            sum(p.removed_norm**2 for p in parts),
+            dots,
+            parts[0].ref_norms,
+            sum(p.projected_blocks for p in parts),
+            parts[0].total_blocks,
+        )
 
 
 @torch.no_grad()
-def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str = "project") -> ProjectionStats:
+def project_(
+    grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str = "project", reduce=None
+) -> ProjectionStats:
     """Remove the in-subspace component of `grads` in place; return what was removed.
 
     grads[i] is parameter i's gradient (same order as the basis; None counts as zero and is left
-    None). mode: "project" removes U^T U g from every block; "conflict" only from blocks where
-    <g, r_j> < 0 for some reference set j; "observe" measures and changes nothing.
+    None, and a block with no gradient at all counts as absent). mode: "project" removes U^T U g
+    from every block; "conflict" only from blocks where <g, r_j> < 0 for some reference set j;
+    "observe" measures and changes nothing. reduce: see the module docstring.
 
     Cost: per parameter one matvec U_i g_i and one in-place `addmv_` on the `.grad` storage (the
     fewest bytes: U is read twice, g read twice and written once); everything else (conflict
     gates, cosines, norms) is a handful of vector ops over all blocks at once, so the number of
     kernel launches is 2P + O(1), not O(P) per statistic. No host/device copies: one `.tolist()`
-    at the end brings the metrics back. Coefficients are formed in the gradient dtype (bf16
-    matmuls accumulate in fp32 on GPU) and combined in fp32.
+    at the end brings the metrics back; with `reduce`, one collective before it. Coefficients are
+    accumulated in float32 whatever the storage dtype.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -357,50 +442,48 @@ def project_(grads: list[torch.Tensor | None], basis: SubspaceBasis, mode: str =
     present = [g for g in grads if g is not None]
     device = present[0].device if present else basis.ref_norms.device
     layout = basis.layout()
-    # "project" removes every block's component whatever the statistics say, so each block is
-    # subtracted right after its coefficients are formed: with tensor granularity U_i and g_i are
-    # then still in cache (GPU L2) for the second pass, which roughly halves the DRAM traffic.
-    eager = mode == "project"
+    # "project" removes every block's component whatever the statistics say, so without sharding
+    # each block is subtracted right after its coefficients are formed: with tensor granularity U_i
+    # and g_i are then still in cache (GPU L2) for the second pass, which roughly halves the DRAM
+    # traffic. Sharded coefficients are partial sums until reduced, so they subtract afterwards.
+    eager = mode == "project" and reduce is None
+    grad_sq = _sq_norm(present, device) if not eager else None  # the raw gradient, before any change
     coef = _coefficients(grads, basis, layout, device, subtract=eager)  # (K,) fp32: U g per block
+    if eager:
+        grad_sq = _sq_norm(present, device) + coef.square().sum()  # |g_raw|^2 = |g_new|^2 + |U g|^2
+    live = _present_blocks(grads, layout, device)
+    if reduce is not None:
+        coef, grad_sq, live = _split(reduce(torch.cat([coef, grad_sq.reshape(1), live])), coef.numel(), 1)
+        grad_sq = grad_sq.reshape(())
+    live = (live > 0).float()
     block_dots = _block_dots(layout, coef)
-    dots = block_dots.sum(dim=1)  # (m,) whole-model <g, r_j>
     if mode == "project":
-        gate = torch.ones(layout.num_blocks, dtype=torch.float32, device=device)
+        gate = live
     elif mode == "conflict":
-        gate = (block_dots < 0).any(dim=0).float()
+        gate = (block_dots < 0).any(dim=0).float() * live
     else:
         gate = torch.zeros(layout.num_blocks, dtype=torch.float32, device=device)
     removed = coef * gate[layout.col_block]
-    if mode == "conflict":
+    if not eager and mode != "observe":
         _subtract(grads, basis, layout, removed)
-    removed_sq = removed.square().sum()
-    grad_sq = torch.stack(torch._foreach_norm(present)).float().square().sum() if present else removed_sq * 0
-    # |g_raw|^2 = |g_new|^2 + |removed|^2 (the removed part is orthogonal to what remains)
-    grad_sq = grad_sq + removed_sq
-    cos_den = grad_sq.sqrt() * basis.ref_norms.to(device)
-    cosines = torch.where(cos_den > 0, dots / cos_den.clamp_min(1e-30), torch.zeros_like(dots))
-    packed = torch.cat([grad_sq.sqrt().reshape(1), removed_sq.sqrt().reshape(1), (gate * layout.has_rank).sum().reshape(1), cosines])
-    gnorm, rnorm, nchanged, *cos = packed.tolist()
-    return ProjectionStats(
-        grad_norm=gnorm,
-        removed_norm=rnorm,
-        removed_fraction=(rnorm / gnorm) if gnorm > 0 else 0.0,
-        cosines=cos,
-        projected_blocks=int(round(nchanged)),
-        total_blocks=len(layout.blocks),
-    )
+    packed = torch.cat([grad_sq.reshape(1), removed.square().sum().reshape(1),
+                        (gate * layout.has_rank).sum().reshape(1), block_dots.sum(dim=1)])
+    gsq, rsq, nchanged, *dots = packed.tolist()
+    return ProjectionStats.of(gsq, rsq, dots, basis.ref_norms.tolist(), int(round(nchanged)), len(layout.blocks))
 
 
 @torch.no_grad()
-def span_coordinates(tensors: list[torch.Tensor], basis: SubspaceBasis) -> torch.Tensor:
+def span_coordinates(tensors: list[torch.Tensor | None], basis: SubspaceBasis, reduce=None) -> torch.Tensor:
     """U x for every block, (K,) float32: the coordinates of `tensors` (e.g. the weights) in the basis."""
-    device = tensors[0].device if tensors else basis.ref_norms.device
-    return _coefficients(tensors, basis, basis.layout(), device, subtract=False)
+    present = [t for t in tensors if t is not None]
+    device = present[0].device if present else basis.ref_norms.device
+    coef = _coefficients(tensors, basis, basis.layout(), device, subtract=False)
+    return coef if reduce is None else reduce(coef)
 
 
 @torch.no_grad()
 def project_change_(
-    tensors: list[torch.Tensor], basis: SubspaceBasis, before: torch.Tensor, mode: str = "project"
+    tensors: list[torch.Tensor | None], basis: SubspaceBasis, before: torch.Tensor, mode: str = "project", reduce=None
 ) -> tuple[float, torch.Tensor]:
     """Remove the in-span part of the change of `tensors` since their coordinates were `before`.
 
@@ -413,7 +496,8 @@ def project_change_(
     drift is corrected on the next step rather than accumulated. The difference U theta_new -
     before cancels the weights' common part, so the removal is exact to about eps * |theta| / |d|
     of the in-span part (fp32: ~1e-3 at a 1e-4 relative step; bf16 weights cannot resolve such
-    steps at all, so use fp32 master weights).
+    steps at all, so use fp32 master weights). Tensors given as None are left alone; `before`
+    must then be the coordinates of the same selection (zero on blocks with no tensor).
 
     "conflict" removes it only from blocks whose step raises some reference loss to first order
     (<d, r_j> > 0); "observe" changes nothing. Returns (norm of the step's in-span part, which
@@ -422,11 +506,15 @@ def project_change_(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     layout = basis.layout()
-    device = tensors[0].device if tensors else basis.ref_norms.device
+    present = [t for t in tensors if t is not None]
+    device = present[0].device if present else basis.ref_norms.device
     # "project" subtracts each block right after its coordinates are formed, as `project_` does
-    # (its rows are then still in cache for the second pass); the other modes need all of them first.
-    eager = mode == "project"
+    # (its rows are then still in cache for the second pass); the other modes, and sharded
+    # tensors (partial sums until reduced), need all of them first.
+    eager = mode == "project" and reduce is None
     now = _coefficients(tensors, basis, layout, device, subtract=eager, minus=before if eager else None)
+    if reduce is not None:
+        now = reduce(now)
     delta = now - before  # (K,) U d per block
     in_span = float(delta.norm())
     if eager:
@@ -437,6 +525,24 @@ def project_change_(
         delta = delta * (_block_dots(layout, delta) > 0).any(dim=0).float()[layout.col_block]
     _subtract(tensors, basis, layout, delta)
     return in_span, now - delta
+
+
+def _split(t: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
+    """t cut into pieces of the given sizes, the rest last."""
+    return list(t.split([*sizes, t.numel() - sum(sizes)]))
+
+
+def _sq_norm(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """float32 squared norm of a list of tensors (0-d)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+
+def _present_blocks(grads, layout: "Layout", device) -> torch.Tensor:
+    """(num_blocks,) float32: 1.0 where the block has at least one gradient in `grads`."""
+    flags = [float(any(grads[i] is not None for i in block)) for block in layout.blocks] or [0.0]
+    return torch.tensor(flags, dtype=torch.float32, device=device)
 
 
 def _block_dots(layout: "Layout", coef: torch.Tensor) -> torch.Tensor:
@@ -454,41 +560,44 @@ def _coefficients(grads, basis: SubspaceBasis, layout: "Layout", device, subtrac
     for block, k in zip(layout.blocks, layout.ranks):
         if k == 0:
             continue
-        parts = [basis.directions[i] @ grads[i].reshape(-1) for i in block if grads[i] is not None]
-        if not parts:
-            pieces.append(torch.zeros(k, dtype=basis.directions[block[0]].dtype, device=device))
-            offset += k
-            continue
-        c = parts[0] if len(parts) == 1 else torch.stack(parts).float().sum(dim=0)
-        pieces.append(c)
-        if subtract:
+        parts = [_mv(basis.directions[i], grads[i].reshape(-1)) for i in block if grads[i] is not None]
+        c = torch.stack(parts).sum(dim=0) if len(parts) > 1 else parts[0] if parts else None
+        pieces.append(c if c is not None else torch.zeros(k, dtype=torch.float32, device=device))
+        if subtract and c is not None:
             # the difference is taken in float32: for the weights, U theta_new - U theta_old cancels
             # their common part, which the storage dtype (bf16) could not resolve
-            r = c if minus is None else c.float() - minus[offset : offset + k]
+            r = c if minus is None else c - minus[offset : offset + k]
             for i in block:
                 if grads[i] is not None:
-                    grads[i].view(-1).addmv_(basis.directions[i].t(), r.to(grads[i].dtype), alpha=-1.0)
+                    _sub_rows_(grads[i].view(-1), basis.directions[i], r)
         offset += k
     if not pieces:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    return torch.cat([p.float() for p in pieces]) if len({p.dtype for p in pieces}) > 1 else torch.cat(pieces).float()
+    return torch.cat(pieces)
 
 
 def _subtract(grads, basis: SubspaceBasis, layout: "Layout", removed: torch.Tensor) -> None:
     """g_i <- g_i - U_i^T removed_b, in place on each gradient's storage."""
     offset = 0
-    cast: dict[torch.dtype, torch.Tensor] = {}
     for block, k in zip(layout.blocks, layout.ranks):
         if k == 0:
             continue
         for i in block:
-            g = grads[i]
-            if g is None:
-                continue
-            if g.dtype not in cast:
-                cast[g.dtype] = removed.to(g.dtype)
-            g.view(-1).addmv_(basis.directions[i].t(), cast[g.dtype][offset : offset + k], alpha=-1.0)
+            if grads[i] is not None and grads[i].numel():
+                _sub_rows_(grads[i].view(-1), basis.directions[i], removed[offset : offset + k])
         offset += k
+
+
+@torch.no_grad()
+def basis_fingerprint(basis: SubspaceBasis, rows: bool = True) -> torch.Tensor:
+    """A float64 scalar that changes with any change of the basis: the sums of the coordinates and
+    reference norms and, with `rows`, of every row's entries (accumulated in float32, no copy)."""
+    device = basis.ref_norms.device
+    parts = [basis.ref_norms.sum()] + [c.sum() for c in basis.coords]
+    if rows:
+        parts += [_mv(d, torch.ones(d.shape[1], dtype=d.dtype, device=d.device)).sum()
+                  for d in basis.directions if d.shape[0]]
+    return torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum()
 
 
 def residual_cosines(grads: list[torch.Tensor | None], ref_grads: list[list[torch.Tensor]]) -> list[float]:

@@ -107,12 +107,29 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _shard_batches(ref: ReferenceSet, batch_size: int, collator, device) -> Iterator[dict[str, torch.Tensor]]:
+def _batches_per_rank(ref: ReferenceSet, batch_size: int, rank: int, world: int) -> int:
+    return -(-len(ref.features[rank::world]) // batch_size)
+
+
+def _shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bool = False
+                   ) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """(micro-batch, loss weight) of this rank's samples (every world-th one).
+
+    even: every rank yields as many micro-batches as the fullest rank, topping up with a weight-0
+    copy of a sample; engines that run collectives inside forward and backward (ZeRO-3 gathers
+    parameters, FSDP2 also reduce-scatters gradients) would otherwise wait forever on a rank that
+    has finished.
+    """
     rank, world = _world()
     mine = ref.features[rank::world]
     for start in range(0, len(mine), batch_size):
         batch = collator([dict(f) for f in mine[start : start + batch_size]])
-        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 1.0
+    if even:
+        extra = _batches_per_rank(ref, batch_size, 0, world) - _batches_per_rank(ref, batch_size, rank, world)
+        for _ in range(extra):
+            batch = collator([dict(ref.features[0])])
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 0.0
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
@@ -171,7 +188,7 @@ def reference_gradients(
             for p, buf in zip(params, buffers):
                 p.grad = buf.view_as(p)
             tokens = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in _shard_batches(ref, batch_size, collator, device):
+            for batch, _ in _shard_batches(ref, batch_size, collator, device):
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
                 loss = model(**batch).loss  # mean NLL over this batch's answer tokens
                 (loss * n).backward()  # -> sum of token NLLs, so sets weight tokens equally
@@ -188,6 +205,81 @@ def reference_gradients(
             yield ref.name, [buf.view_as(p) for p, buf in zip(params, buffers)], int(tokens.item())
 
 
-def num_batches(refs: list[ReferenceSet], batch_size: int) -> int:
+@contextlib.contextmanager
+def _engine_hooks_suspended(params: list[torch.nn.Parameter]):
+    """Empty, then restore, every parameter's post-accumulate-grad hooks.
+
+    DeepSpeed ZeRO reduces each gradient into its partitions from such hooks as soon as autograd
+    accumulates it; a reference backward must not feed the engine, so its hooks see nothing. The
+    hook dicts are emptied in place (the autograd engine holds them) and refilled in order.
+    """
+    saved = []
+    for p in params:
+        hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+        if hooks:
+            saved.append((hooks, list(hooks.items())))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.update(items)
+
+
+def sharded_reference_gradients(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    refs: list[ReferenceSet],
+    collator,
+    batch_size: int,
+    device: torch.device,
+    rows: Callable[[], list[torch.Tensor]],
+    layout,
+    progress=None,
+) -> Iterator[tuple[str, list[torch.Tensor], int, float]]:
+    """`reference_gradients` for a basis that holds only this rank's piece of each parameter
+    (`layout`, a `ShardLayout`), or a basis of another dtype than the parameters.
+
+    Yields (name, the filled row buffers, token count, scale): the buffers hold `scale` times
+    the summed answer-token NLL gradient of this rank's pieces. Two ways, by engine:
+    - FSDP2: the backward pass goes through FSDP, which reduce-scatters each micro-batch's
+      gradient into the local shard of `.grad` (averaged over ranks: scale = 1 / world).
+    - otherwise (DDP, ZeRO-1/2/3): a plain backward with the engine's gradient hooks suspended,
+      so autograd accumulates this rank's full gradient in `.grad` (ZeRO-3's module hooks still
+      gather the parameters for forward and backward; gradient checkpointing works as in
+      training); it is summed over ranks and each piece cut from it. A rebuild thus holds,
+      beside the sharded basis, one full gradient, as a DDP step does.
+    """
+    through_engine = layout.engine == "fsdp2"
+    hooks = contextlib.nullcontext() if through_engine else _engine_hooks_suspended(params)
+    with _isolated(model, params, device), hooks:
+        for ref in refs:
+            buffers = rows()
+            tokens = torch.zeros((), dtype=torch.float64, device=device)
+            for batch, weight in _shard_batches(ref, batch_size, collator, device, even=layout.collective_forward):
+                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * int(weight)
+                (model(**batch).loss * n).backward()  # the sum of token NLLs (0 for a top-up batch)
+                tokens += n
+                if progress is not None:
+                    progress.update(1)
+            grads = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            if through_engine:
+                _all_reduce_sum([tokens])
+                for buf, g in zip(buffers, grads):
+                    if g is not None:
+                        buf.copy_(g._local_tensor.reshape(-1))
+            else:
+                _all_reduce_sum([tokens, *[g for g in grads if g is not None]])
+                for i, (buf, g) in enumerate(zip(buffers, grads)):
+                    piece = layout.piece(i)
+                    if g is not None and piece.numel:
+                        buf.copy_(g.reshape(-1)[piece.start : piece.stop])
+            del grads
+            yield ref.name, buffers, int(tokens.item()), 1.0 / _world()[1] if through_engine else 1.0
+
+
+def num_batches(refs: list[ReferenceSet], batch_size: int, even: bool = False) -> int:
     rank, world = _world()
-    return sum(-(-len(r.features[rank::world]) // batch_size) for r in refs)
+    return sum(_batches_per_rank(r, batch_size, 0 if even else rank, world) for r in refs)

@@ -9,6 +9,8 @@ from typing import Any, Literal, Optional
 
 # Stage names this package registers, and the LLaMA-Factory workflow each one runs.
 OGPSA_STAGES = {"ogpsa_sft": "sft", "ogpsa_dpo": "dpo"}
+# ogpsa_basis_dtype -> torch dtype (None: each parameter's own); torch is imported lazily by users.
+BASIS_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
 # Paper defaults (arXiv 2602.07892): rebuild every 30 optimizer steps in SFT, every 5 in DPO.
 DEFAULT_REFRESH = {"ogpsa_sft": 30, "ogpsa_dpo": 5}
 PREFIX = "ogpsa_"
@@ -62,6 +64,14 @@ class OGPSAArguments:
             "two more passes over the basis per step (four instead of two). 'gradient': the gradient only, as the paper and "
             "its released code; first-order exact under SGD only, since Adam turns the step out of the "
             "orthogonal complement."
+        },
+    )
+    ogpsa_basis_dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto",
+        metadata={
+            "help": "Storage of the basis rows. 'auto': the dtype of the weights the projection acts on (the "
+            "float32 master partitions under ZeRO and FSDP2, the parameters otherwise); 'bfloat16' halves its "
+            "memory (inner products still accumulate in float32); 'float32'."
         },
     )
     ogpsa_reference_batch_size: Optional[int] = field(

@@ -1,0 +1,172 @@
+"""Which training engine a run uses, and whether OGPSA supports it.
+
+Checked twice: before launch from the arguments (`check_arguments`: one line, exit 2, nothing
+written), and at train start from the objects that actually run (`detect`), which also catches
+engines enabled outside the YAML (an `accelerate launch --config_file`, ACCELERATE_USE_DEEPSPEED or
+ACCELERATE_USE_FSDP in the environment).
+
+Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
+FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, DeepSpeed's bf16
+optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), FSDP1, `global` granularity under ZeRO
+(its groups are stepped one at a time), `pure_bf16` with `ogpsa_target: update`, and LLaMA-Factory
+paths that bypass the HF trainer (`use_mca`, `use_hyper_parallel`, USE_V1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+
+from .settings import OGPSAArguments, OGPSAConfigError
+from .sharding import FSDP2Layout, Replicated, ShardLayout, Zero3Layout, ZeroLayout
+
+UNSUPPORTED_FLAGS = ("use_badam", "use_galore", "use_apollo", "use_muon", "use_adam_mini", "use_mca",
+                     "use_hyper_parallel")
+
+
+def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: str = "") -> None:
+    """Refuse what cannot work, from the arguments alone. `get(key)` reads a LLaMA-Factory argument
+    (from the YAML dict before launch, or from the parsed dataclasses)."""
+    if os.environ.get("USE_V1", "").lower() in ("1", "true", "y", "yes"):
+        raise OGPSAConfigError(f"{where}USE_V1: OGPSA stages run on LLaMA-Factory's v0 trainer; unset USE_V1")
+    for flag in UNSUPPORTED_FLAGS:
+        if get(flag):
+            raise OGPSAConfigError(f"{where}{flag}: not supported together with OGPSA stages")
+    if get("pure_bf16") and settings.ogpsa_target == "update":
+        raise OGPSAConfigError(
+            f"{where}pure_bf16: bf16 weights cannot resolve a small step, so ogpsa_target=update cannot remove "
+            "its in-span part; keep float32 master weights (bf16: true, or DeepSpeed/FSDP2 mixed precision) "
+            "or set ogpsa_target: gradient"
+        )
+    config = get("deepspeed")
+    if config:
+        _check_deepspeed(_load_deepspeed_config(config, where), settings, where)
+    fsdp = get("fsdp")
+    if fsdp and fsdp not in ([], ""):
+        fsdp_config = _as_dict(get("fsdp_config"))
+        version = fsdp_config.get("version", fsdp_config.get("fsdp_version", 1))
+        if str(version) != "2":
+            raise OGPSAConfigError(
+                f"{where}fsdp: OGPSA supports FSDP2 only (fsdp_config: {{version: 2}}); FSDP1's flat parameters "
+                "are not supported"
+            )
+
+
+def _as_dict(value: Any) -> dict:
+    if isinstance(value, str) and value.endswith(".json") and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return json.load(f)
+    return value if isinstance(value, dict) else {}
+
+
+def _load_deepspeed_config(config: Any, where: str) -> dict:
+    if isinstance(config, dict):
+        return config
+    try:
+        with open(config, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise OGPSAConfigError(f"{where}deepspeed: {config} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise OGPSAConfigError(f"{where}deepspeed: {config} is not a readable JSON file ({e})") from None
+
+
+def _check_deepspeed(config: dict, settings: OGPSAArguments, where: str) -> None:
+    zero = config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0) or 0)
+    if stage not in (1, 2, 3):
+        raise OGPSAConfigError(
+            f"{where}deepspeed: ZeRO stage {stage} is not supported by OGPSA stages; use ZeRO-1/2/3, or DDP "
+            "without a deepspeed config"
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise OGPSAConfigError(
+                f"{where}deepspeed: zero_optimization.{key} (device {device!r}) is not supported by OGPSA stages: "
+                "the basis and the projection live beside the partitions on the accelerator"
+            )
+    if settings.ogpsa_granularity == "global":
+        raise OGPSAConfigError(
+            f"{where}ogpsa_granularity: 'global' is not supported under DeepSpeed ZeRO (the engine steps its "
+            "parameter groups one at a time); use 'tensor'"
+        )
+
+
+def _unwrap_optimizers(optimizer) -> list:
+    chain, seen = [], set()
+    while optimizer is not None and id(optimizer) not in seen:
+        chain.append(optimizer)
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
+
+
+def _accelerate_engine() -> Optional[str]:
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return None
+    if not AcceleratorState._shared_state:
+        return None
+    return str(getattr(AcceleratorState(), "distributed_type", "")).split(".")[-1]
+
+
+def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
+           settings: OGPSAArguments) -> ShardLayout:
+    """The layout of `params` under the engine that actually runs; refuses unsupported engines."""
+    if "deepspeed" in sys.modules:
+        layout = _deepspeed_layout(optimizer, params, settings)
+        if layout is not None:
+            return layout
+    if _accelerate_engine() == "DEEPSPEED":
+        raise OGPSAConfigError("deepspeed: this DeepSpeed set-up (no ZeRO-1/2/3 optimizer found) is not supported "
+                               "by OGPSA stages; use ZeRO-1/2/3 or DDP")
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(
+        type(p).__name__ == "FlatParameter" for p in model.parameters()
+    ):
+        raise OGPSAConfigError("fsdp: OGPSA supports FSDP2 only (fsdp_config: {version: 2}); FSDP1 is not supported")
+    if any(type(p).__name__ == "DTensor" for p in params):
+        return _fsdp2_layout(params)
+    return Replicated(params)
+
+
+def _fsdp2_layout(params) -> ShardLayout:
+    from torch.distributed.tensor import DTensor, Shard
+
+    for p in params:
+        if not isinstance(p, DTensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise OGPSAConfigError(
+                "fsdp: OGPSA supports FSDP2 with every trainable parameter sharded on dim 0 over one mesh "
+                "dimension (no HSDP, tensor parallelism or mixed replicated parameters)"
+            )
+    return FSDP2Layout(params)
+
+
+def _deepspeed_layout(optimizer, params, settings: OGPSAArguments) -> Optional[ShardLayout]:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    chain = _unwrap_optimizers(optimizer)
+    zero = next((o for o in chain if isinstance(o, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))), None)
+    if zero is None:
+        names = [type(o).__name__ for o in chain if type(o).__module__.startswith("deepspeed")]
+        if names:
+            raise OGPSAConfigError(
+                f"deepspeed: the {names[0]} optimizer is not supported by OGPSA stages (ZeRO-1 with bf16 and fp32 "
+                "gradient accumulation, or ZeRO stage 0); use ZeRO-2/3, or DDP"
+            )
+        return None
+    if settings.ogpsa_granularity == "global":
+        raise OGPSAConfigError("ogpsa_granularity: 'global' is not supported under DeepSpeed ZeRO; use 'tensor'")
+    offload = getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False) or getattr(
+        zero, "offload_param", False)
+    if offload:
+        raise OGPSAConfigError("deepspeed: ZeRO offload is not supported by OGPSA stages")
+    if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+        return Zero3Layout(params, zero)
+    return ZeroLayout(params, zero, 2 if zero.partition_gradients else 1)
