@@ -73,10 +73,13 @@ class PipelineLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        with _folder_guard(self.folder):
-            holder = self._holder()
-            if holder is not None and holder.get("token") == self.me["token"]:
-                os.unlink(self.path)
+        try:
+            with _folder_guard(self.folder):
+                holder = self._holder()
+                if holder is not None and holder.get("token") == self.me["token"]:
+                    os.unlink(self.path)
+        except (FileNotFoundError, PipelineLocked):
+            pass  # the folder was removed during the run, or the file is no longer ours: leave it
 
     def _holder(self) -> dict | None:
         try:
@@ -86,7 +89,7 @@ class PipelineLock:
             return None
         except (OSError, ValueError):
             holder = None
-        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int) or holder["pid"] <= 0:
             raise PipelineLocked(f"{self.path}: unreadable lock file; remove it if no runner uses {self.folder}")
         return holder
 
