@@ -74,7 +74,7 @@ class Pipeline:
             inputs = stage_inputs(spec)
             identity = stage_identity(spec, start_model, previous_hash, inputs)
             record = self._record(spec)
-            rerun = self._why_rerun(spec, record, identity, inputs, changed)
+            rerun = self._why_rerun(record, identity, inputs, changed)
             if rerun is None:
                 _say(f"stage {spec.dirname}: unchanged and done, skipped")
             else:
@@ -91,7 +91,7 @@ class Pipeline:
         return 0
 
     @staticmethod
-    def _why_rerun(spec: StageSpec, record: dict, identity: str, inputs: dict, changed: bool) -> str | None:
+    def _why_rerun(record: dict, identity: str, inputs: dict, changed: bool) -> str | None:
         """None: reuse the stage's result; "": run it (first time, or resume); else why it restarts."""
         if changed:
             return "force=true" if record.get("hash") else ""

@@ -231,6 +231,7 @@ def test_stage_identity_covers_data_reference_sets_and_eval(fake_pipeline, asset
     edit_json(data / "toy_harmful_eval.json", lambda rows: rows.pop())
     assert fake_pipeline("eval.max_new_tokens=8") == (0, [], ["model", "01_sft", "02_dpo"])
     assert fake_pipeline("eval.max_new_tokens=8") == (0, [], [])
+    assert fake_pipeline("eval.max_new_tokens=8", "force=true") == (0, ["01_sft", "02_dpo"], ["01_sft", "02_dpo"])
     sft = state(tmp_path)["stages"][0]
     assert set(sft["inputs"]) == {"toy_safety_sft", "toy_math_ref", "toy_general_ref", "toy_hhh_ref"}
 
