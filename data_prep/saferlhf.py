@@ -3,10 +3,14 @@
 Rows are grouped by prompt (whitespace/case normalised), so duplicate prompts collapse to one. A
 prompt is *harmful* when any of its responses is labelled unsafe; the others are skipped.
 
-* target (the safe answer): a response labelled safe, taken from the first row of the prompt that
-  pairs a safe with an unsafe response (else the first row with a safe one); when both responses
-  of that row are safe, `better_response_id` picks. Without one, the refusal for the prompt from
-  `--refusals` (jsonl `{prompt, refusal}`) is used; without that, the prompt is dropped and counted.
+* target (SFT output and DPO chosen), `--sft-target safe` (the default): a response labelled safe,
+  taken from the first row of the prompt that pairs a safe with an unsafe response (else the first
+  row with a safe one); when both responses of that row are safe, `better_response_id` picks.
+  Without one, the refusal for the prompt from `--refusals` (jsonl `{prompt, refusal}`) is used;
+  without that, the prompt is dropped and counted.
+* `--sft-target refusal` (the paper's recipe, with its generated refusals): the refusal from
+  `--refusals` for every prompt, safe responses or not; prompts without one are dropped and
+  counted (`dropped_no_refusal`).
 * rejected (DPO): the unsafe response with the highest `*_severity_level`; on a tie, or when
   severity is absent (older schema), the one that is not `safer_response_id`; then the first row.
 * splits: harmful prompts are shuffled with `--seed`; the first `--eval-size` form `saferlhf_eval`
@@ -157,6 +161,14 @@ def choose_targets(
     return targets
 
 
+def refusal_targets(keys: list[str], refusals: dict[str, str], counts: Counter) -> dict[str, str]:
+    """`--sft-target refusal`: the refusal of every prompt ("" when it has none), counted."""
+    targets = {key: refusals.get(key, "") for key in keys}
+    for target in targets.values():
+        counts["target_refusal" if target else "dropped_no_refusal"] += 1
+    return targets
+
+
 def split_keys(
     harmful: list[str], targets: dict[str, str], sizes: dict[str, int], disjoint: bool
 ) -> dict[str, list[str]]:
@@ -184,7 +196,12 @@ def category_counts(groups: dict[str, Prompt], keys: list[str]) -> dict[str, int
 
 
 def build(
-    records: list[Record], refusals: dict[str, str], sizes: dict[str, int], seed: int, disjoint: bool = False
+    records: list[Record],
+    refusals: dict[str, str],
+    sizes: dict[str, int],
+    seed: int,
+    disjoint: bool = False,
+    sft_target: str = "safe",
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """The three splits as rows, and the counts for the stats file."""
     groups, counts = group_prompts(records)
@@ -194,10 +211,14 @@ def build(
     harmful = sorted(k for k, g in groups.items() if rejected_response(g) is not None)
     counts.update(skipped_no_unsafe_response=len(groups) - len(harmful), harmful_prompts=len(harmful))
     random.Random(seed).shuffle(harmful)
-    training_counts: Counter = Counter()
-    targets = choose_targets(groups, harmful[sizes["eval"] :], refusals, training_counts)
-    targets.update(choose_targets(groups, harmful[: sizes["eval"]], refusals, Counter()))
-    counts.update(training_counts)
+
+    def pick(keys: list[str], tally: Counter) -> dict[str, str]:
+        if sft_target == "refusal":
+            return refusal_targets(keys, refusals, tally)
+        return choose_targets(groups, keys, refusals, tally)
+
+    targets = pick(harmful[sizes["eval"] :], counts)  # target counts cover the training pool only
+    targets.update(pick(harmful[: sizes["eval"]], Counter()))
     keys = split_keys(harmful, targets, sizes, disjoint)
     counts["training_pool"] = sum(1 for k in harmful[sizes["eval"] :] if targets[k])
     counts["eval_without_target"] = sum(1 for k in keys["saferlhf_eval"] if not targets[k])
@@ -228,7 +249,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dpo-size", type=int, default=10000, help="cap on DPO pairs (paper: 10000)")
     p.add_argument("--eval-size", type=int, default=500, help="held-out harmful prompts (default 500)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--refusals", default=None, help="jsonl of {prompt, refusal}: target when no response is safe")
+    p.add_argument(
+        "--refusals",
+        default=None,
+        help="jsonl of {prompt, refusal}: the target when no response is safe (with --sft-target refusal: always)",
+    )
+    p.add_argument(
+        "--sft-target",
+        choices=("safe", "refusal"),
+        default="safe",
+        help="SFT output and DPO chosen: a safe response of the data (default), or the prompt's refusal "
+        "from --refusals for every prompt, as the paper does (prompts without one are dropped)",
+    )
     p.add_argument("--disjoint-sft-dpo", action="store_true", help="give DPO other prompts than SFT")
     p.add_argument("--overwrite", action="store_true", help="replace existing files / registry entries")
     p.set_defaults(func=run)
@@ -239,9 +271,11 @@ def run(args: argparse.Namespace) -> int:
     sizes = {"sft": args.sft_size, "dpo": args.dpo_size, "eval": args.eval_size}
     if min(sizes.values()) < 0:
         raise DataPrepError("--sft-size/--dpo-size/--eval-size must be >= 0")
+    if args.sft_target == "refusal" and not args.refusals:
+        raise DataPrepError("--sft-target refusal: needs --refusals FILE (jsonl of {prompt, refusal})")
     refusals = read_refusals(args.refusals)
     records = read_source(args.source, args.config, args.split)
-    data, stats = build(records, refusals, sizes, args.seed, args.disjoint_sft_dpo)
+    data, stats = build(records, refusals, sizes, args.seed, args.disjoint_sft_dpo, args.sft_target)
     for name, cap in (("saferlhf_sft", sizes["sft"]), ("saferlhf_dpo", sizes["dpo"]), ("saferlhf_eval", sizes["eval"])):
         if len(data[name]) < cap:
             warn(f"{name}: only {len(data[name])} rows available (asked for {cap})")
@@ -252,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         seed=args.seed,
         refusals=args.refusals,
+        sft_target=args.sft_target,
         disjoint_sft_dpo=args.disjoint_sft_dpo,
         requested=sizes,
         files={name: file_summary(name, rows) for name, rows in data.items()},

@@ -221,8 +221,3 @@ def llamafactory_train_keys() -> set[str]:
         _KEYS = {f.name for cls in _TRAIN_ARGS for f in dataclasses.fields(cls)}
     return _KEYS
 
-
-def stage_hash(spec: StageSpec, start_model: str, previous_hash: str) -> str:
-    """Identity of a stage run: its arguments, its starting model and the chain before it."""
-    blob = json.dumps({"args": spec.args, "start": start_model, "prev": previous_hash}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -7,10 +7,14 @@ therefore the DPO stage's starting model (LLaMA-Factory's default when `ref_mode
 OGPSA stages rebuild the capability subspace at their first step against that starting model.
 
 State lives in `<output_dir>/pipeline.json` (written atomically). Running the same command again
-skips stages whose identity (arguments, starting model, the chain before) is unchanged and that
-finished; a stage that was interrupted resumes from its last checkpoint (LLaMA-Factory's own
-resume); a changed stage, and every stage after it, reruns from scratch; `force=true` (or
-`ogpsa train RECIPE --force`) reruns everything.
+skips stages whose identity is unchanged and that finished with their model folder in place. The
+identity (`ogpsa.pipelines.identity`) is the stage's arguments, its starting model, the chain
+before it and the content of every dataset and reference set it reads, with their
+dataset_info.json entries. A stage that was interrupted resumes from its last checkpoint
+(LLaMA-Factory's own resume). A changed stage, a finished one whose model folder is gone, and
+every stage after either rerun from scratch; `force=true` (or `ogpsa train RECIPE --force`)
+reruns everything. An evaluation is redone when the `eval:` block or a file it reads changed.
+`<output_dir>/pipeline.lock` keeps a second runner off the folder (`ogpsa.pipelines.lock`).
 
 Each stage is a child process (`python -m ogpsa.pipelines.cli train <stage>.yaml`) that inherits
 the environment, so FORCE_TORCHRUN / NPROC_PER_NODE and a `deepspeed:` key behave as in a single
@@ -19,6 +23,7 @@ stock LLaMA-Factory run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +34,9 @@ from typing import Any
 
 import yaml
 
-from .recipe import Recipe, RecipeError, StageSpec, load, stage_hash
+from .identity import eval_identity, stage_identity, stage_inputs
+from .lock import PipelineLock
+from .recipe import Recipe, RecipeError, StageSpec, load
 
 STATE_FILE = "pipeline.json"
 
@@ -48,25 +55,34 @@ class Pipeline:
         self.recipe = recipe
         self.root = os.path.abspath(recipe.output_dir)
         self.state_path = os.path.join(self.root, STATE_FILE)
-        self.state = self._load_state()
+        self.state: dict = {}
+        self._eval_id: str | None = None  # computed once per run, at the first stage evaluation
 
     # ---- orchestration -------------------------------------------------------------------------
     def run(self) -> int:
         os.makedirs(self.root, exist_ok=True)
+        with PipelineLock(self.root):
+            self.state = self._load_state()  # read under the lock: a finishing runner may still write it
+            return self._run_stages()
+
+    def _run_stages(self) -> int:
         base = self.recipe.base_model
         start_model = os.path.abspath(base) if os.path.isdir(base) else base  # a local folder or a Hub id
         previous_hash, changed = "", self.recipe.force
         self._eval_base(start_model)
         for spec in self.recipe.stages:
-            identity = stage_hash(spec, start_model, previous_hash)
+            inputs = stage_inputs(spec)
+            identity = stage_identity(spec, start_model, previous_hash, inputs)
             record = self._record(spec)
-            done = record.get("status") == "done" and record.get("hash") == identity and not changed
-            if done and os.path.isdir(record.get("model", "")):
+            rerun = self._why_rerun(record, identity, inputs, changed)
+            if rerun is None:
                 _say(f"stage {spec.dirname}: unchanged and done, skipped")
             else:
-                changed = changed or record.get("hash") != identity
+                if rerun:
+                    _say(f"stage {spec.dirname}: {rerun}; training it from scratch")
+                changed = changed or bool(rerun)  # a retrained stage invalidates every later one
                 fresh = changed or record.get("status") not in ("running", "failed")
-                code = self._run_stage(spec, record, identity, start_model, fresh)
+                code = self._run_stage(spec, record, identity, start_model, fresh, inputs)
                 if code != 0:
                     return code
             self._evaluate(spec, record)
@@ -74,15 +90,32 @@ class Pipeline:
         _say(f"pipeline done: {self.state_path}")
         return 0
 
-    def _run_stage(self, spec: StageSpec, record: dict, identity: str, start_model: str, fresh: bool) -> int:
+    @staticmethod
+    def _why_rerun(record: dict, identity: str, inputs: dict, changed: bool) -> str | None:
+        """None: reuse the stage's result; "": run it (first time, or resume); else why it restarts."""
+        if changed:
+            return "force=true" if record.get("hash") else ""
+        if record.get("hash") != identity:
+            return f"changed ({_what_changed(record, inputs)})" if record.get("hash") else ""
+        if record.get("status") != "done":
+            return ""  # interrupted or failed: resume
+        if not os.path.isdir(record.get("model", "")):
+            return f"finished, but its model folder {record.get('model')} is gone"
+        return None
+
+    def _run_stage(
+        self, spec: StageSpec, record: dict, identity: str, start_model: str, fresh: bool, inputs: dict
+    ) -> int:
         out = os.path.join(self.root, spec.dirname)
         if fresh:
             record.clear()
+            self._invalidate_after(spec.index)
             if os.path.isdir(out):
                 shutil.rmtree(out)  # a changed stage restarts; its old results would mislead resume
         os.makedirs(out, exist_ok=True)
         args = {**spec.args, "model_name_or_path": start_model, "output_dir": out, "overwrite_output_dir": False}
         record.update(name=spec.name, stage=spec.stage, hash=identity, start_model=start_model, output=out)
+        record["inputs"] = {name: _short(d) for name, d in inputs.items()}
         record.update(status="running", resumed=not fresh, eval=None)
         self._save()
         _say(f"stage {spec.dirname} ({spec.stage}) from {start_model}" + ("" if fresh else " (resuming)"))
@@ -103,6 +136,12 @@ class Pipeline:
         self._save()
         return 0
 
+    def _invalidate_after(self, index: int) -> None:
+        """Forget the stages after `index`: they trained from its old result, so even if this run stops
+        half-way, the next one must not reuse them."""
+        for later in self.recipe.stages[index + 1 :]:
+            self.state["stages"][later.index] = {"name": later.name, "status": "pending"}
+
     def _merge_lora(self, args: dict, out: str) -> int:
         merged = os.path.join(out, "merged")
         export = {
@@ -122,13 +161,19 @@ class Pipeline:
 
     # ---- evaluation (optional `eval:` block) ---------------------------------------------------
     def _eval_base(self, model: str) -> None:
-        if self.recipe.eval and not self.state.get("eval_base"):
-            self.state["eval_base"] = self._evaluate_model(model)
-            self._save()
+        self._evaluate_into(self.state, "eval_base", model, eval_identity(self.recipe.eval, model))
 
     def _evaluate(self, spec: StageSpec, record: dict) -> None:
-        if self.recipe.eval and not record.get("eval"):
-            record["eval"] = self._evaluate_model(record["model"])
+        # the eval identity leaves the model out: retraining a stage clears its evaluation anyway
+        if self._eval_id is None:
+            self._eval_id = eval_identity(self.recipe.eval)
+        self._evaluate_into(record, "eval", record["model"], self._eval_id)
+
+    def _evaluate_into(self, record: dict, key: str, model: str, identity: str) -> None:
+        """Evaluate `model` into record[key] unless an evaluation of the same identity is there."""
+        if self.recipe.eval and (not record.get(key) or record.get(f"{key}_hash") != identity):
+            record[key] = self._evaluate_model(model)
+            record[f"{key}_hash"] = identity
             self._save()
 
     def _evaluate_model(self, model: str) -> dict:
@@ -182,6 +227,18 @@ def summarize(out: str) -> dict[str, Any]:
             summary[f"mean_{key}"] = sum(r.get(key, 0.0) for r in steps) / max(len(steps), 1)
         metrics["ogpsa"] = summary
     return metrics
+
+
+def _short(digest: Any) -> Any:
+    """A dataset's digest as stored in pipeline.json: one hash for its entry and its content."""
+    return hashlib.sha256(json.dumps(digest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _what_changed(record: dict, inputs: dict) -> str:
+    """What differs from a stage's last run, for the log line."""
+    before = record.get("inputs") or {}
+    data = sorted(n for n, d in inputs.items() if before.get(n) != _short(d))
+    return f"data: {', '.join(data)}" if data else "arguments or starting model"
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

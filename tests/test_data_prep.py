@@ -375,6 +375,56 @@ def test_dataset_info_merge_conflict_and_overwrite(tmp_path, sources):
     assert saferlhf(out, sources["current"], "--seed", "5") == 2 and snapshot(out) == after
 
 
+def paper_refusals(path: Path) -> Path:
+    """Refusals for 13 of the 24 harmful prompts (one spelled differently), each its own text."""
+    prompts = ["how do i pick a LOCK?", "How can I hurt my neighbour?", "Tell me about explosives."]
+    prompts += [f"Harmful request number {i}?" for i in range(10)]
+    return write_jsonl(path, [{"prompt": p, "refusal": f"I won't help: {p.lower()}"} for p in prompts])
+
+
+def test_saferlhf_sft_target_refusal_takes_every_target_from_the_refusals(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.Table.from_pylist(saferlhf_rows()), src / "train.parquet")
+    refusals = paper_refusals(tmp_path / "refusals.jsonl")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert saferlhf(out, src, "--refusals", str(refusals), "--sft-target", "refusal", "--eval-size", "2") == 0
+    assert snapshot(a) == snapshot(b)  # byte-identical for the same seed
+    sft, dpo = by_prompt(read(a / "saferlhf_sft.json")), by_prompt(read(a / "saferlhf_dpo.json"))
+    # a prompt with a safe response still gets its refusal, in SFT and as DPO chosen; rejected is unchanged
+    assert sft["How do I pick a lock?"]["output"] == "I won't help: how do i pick a lock?"
+    assert dpo["How do I pick a lock?"] == {
+        "instruction": "How do I pick a lock?",
+        "input": "",
+        "chosen": "I won't help: how do i pick a lock?",
+        "rejected": "Insert a tension wrench...",
+    }
+    assert all(r["output"].startswith("I won't help: ") for r in sft.values())
+    assert all(r["chosen"] == sft[p]["output"] for p, r in dpo.items())
+    assert "How do I forge a cheque?" not in sft and "Harmful request number 15?" not in sft  # no refusal
+    ev = read(a / "saferlhf_eval.json")
+    stats = read(a / "saferlhf_stats.json")
+    c = stats["counts"]
+    # 24 harmful prompts: 2 held out (both with a refusal, seed 1), of the 22 left 11 have one
+    assert [r["output"].startswith("I won't help: ") for r in ev] == [True, True]
+    assert (c["harmful_prompts"], c["target_refusal"], c["dropped_no_refusal"]) == (24, 11, 11)
+    assert len(sft) == len(dpo) == c["training_pool"] == 11 and "target_safe_response" not in c
+    assert stats["sft_target"] == "refusal"
+    # the default is unchanged: the safe response, the refusal only where none is safe
+    assert saferlhf(tmp_path / "c", src, "--refusals", str(refusals), "--eval-size", "2") == 0
+    assert by_prompt(read(tmp_path / "c" / "saferlhf_sft.json"))["How do I pick a lock?"]["output"] == "Call a locksmith."
+    assert read(tmp_path / "c" / "saferlhf_stats.json")["sft_target"] == "safe"
+
+
+def test_saferlhf_sft_target_refusal_needs_refusals(tmp_path, sources, capsys):
+    out = tmp_path / "out"
+    assert saferlhf(out, sources["current"], "--sft-target", "refusal") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--sft-target refusal" in err and "--refusals" in err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # refsets
 

@@ -170,3 +170,172 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert [s["stage"] for s in plain["stages"]] == ["sft", "dpo"]
     assert [s["stage"] for s in ogpsa["stages"]] == ["ogpsa_sft", "ogpsa_dpo"]
     assert "ogpsa" not in plain["stages"][0]["metrics"] and ogpsa["stages"][0]["metrics"]["ogpsa"]["rebuilds"] > 0
+
+
+# ---- reuse only what is still valid: data identity, missing results, one runner per folder ----------
+
+
+@pytest.fixture
+def fake_pipeline(assets, tmp_path, monkeypatch):
+    """Runs the tiny recipe in this process with training and evaluation replaced by recorders:
+    `run(*overrides)` returns (exit code, stage folders trained, models evaluated, stdout)."""
+    from ogpsa.pipelines import runner
+
+    monkeypatch.chdir(tmp_path)
+    trained, evaluated = [], []
+
+    def launch(argv, llamafactory=False):
+        out = Path(yaml.safe_load(Path(argv[1]).read_text())["output_dir"])
+        trained.append(out.name)
+        (out / "train_results.json").write_text('{"train_loss": 1.0}')
+        return 0
+
+    monkeypatch.setattr(runner, "_launch", launch)
+    monkeypatch.setattr(runner.Pipeline, "_evaluate_model", lambda self, model: evaluated.append(model) or {"metrics": {}})
+
+    def run(*overrides):
+        trained.clear(), evaluated.clear()
+        code = runner.run_recipe(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), list(overrides))
+        return code, list(trained), [Path(m).name for m in evaluated]
+
+    run.launch = launch
+    return run
+
+
+def edit_json(path, change):
+    rows = json.loads(path.read_text())
+    change(rows)
+    path.write_text(json.dumps(rows))
+
+
+def test_stage_identity_covers_data_reference_sets_and_eval(fake_pipeline, assets, tmp_path, capsys):
+    data = assets / "data"
+    assert fake_pipeline() == (0, ["01_sft", "02_dpo"], ["model", "01_sft", "02_dpo"])
+    assert fake_pipeline() == (0, [], [])
+    capsys.readouterr()
+    # the DPO data file: only the DPO stage reruns, and the log says why
+    edit_json(data / "toy_safety_dpo.json", lambda rows: rows[0].update(chosen="No."))
+    assert fake_pipeline() == (0, ["02_dpo"], ["02_dpo"])
+    assert "stage 02_dpo: changed (data: toy_safety_dpo)" in capsys.readouterr().out
+    # a dataset_info entry nothing uses changes nothing; the DPO stage's own entry reruns it
+    edit_json(data / "dataset_info.json", lambda info: info["toy_dpo_chosen"].update(file_name="moved.json"))
+    assert fake_pipeline() == (0, [], [])
+    edit_json(data / "dataset_info.json", lambda info: info["toy_safety_dpo"].update(split="train"))
+    assert fake_pipeline() == (0, ["02_dpo"], ["02_dpo"])
+    # a reference set (also read by the eval block's `exclude`): both stages retrain, all three evaluations redo
+    edit_json(data / "toy_hhh_ref.json", lambda rows: rows[0].update(output="changed"))
+    assert fake_pipeline() == (0, ["01_sft", "02_dpo"], ["model", "01_sft", "02_dpo"])
+    assert "stage 01_sft: changed (data: toy_hhh_ref)" in capsys.readouterr().out
+    # the eval block, or a file only it reads: evaluations redone, nothing retrained
+    assert fake_pipeline("eval.max_new_tokens=8") == (0, [], ["model", "01_sft", "02_dpo"])
+    edit_json(data / "toy_harmful_eval.json", lambda rows: rows.pop())
+    assert fake_pipeline("eval.max_new_tokens=8") == (0, [], ["model", "01_sft", "02_dpo"])
+    assert fake_pipeline("eval.max_new_tokens=8") == (0, [], [])
+    assert fake_pipeline("eval.max_new_tokens=8", "force=true") == (0, ["01_sft", "02_dpo"], ["01_sft", "02_dpo"])
+    sft = state(tmp_path)["stages"][0]
+    assert set(sft["inputs"]) == {"toy_safety_sft", "toy_math_ref", "toy_general_ref", "toy_hhh_ref"}
+
+
+def test_missing_model_folder_retrains_the_stage_and_every_later_one(fake_pipeline, tmp_path, monkeypatch, capsys):
+    from ogpsa.pipelines import runner
+
+    root = tmp_path / "runs" / "tiny_sft_dpo"
+    assert fake_pipeline("eval=null")[:2] == (0, ["01_sft", "02_dpo"])
+    shutil.rmtree(root / "01_sft")
+    on_disk = []  # what pipeline.json says about the DPO stage while the SFT stage retrains
+
+    def launch(argv, llamafactory=False):
+        on_disk.append(state(tmp_path)["stages"][1]["status"])
+        return fake_pipeline.launch(argv, llamafactory)
+
+    monkeypatch.setattr(runner, "_launch", launch)
+    assert fake_pipeline("eval=null")[:2] == (0, ["01_sft", "02_dpo"])
+    assert f"stage 01_sft: finished, but its model folder {root / '01_sft'} is gone" in capsys.readouterr().out
+    # a run killed during the SFT retrain would find DPO's old result already forgotten
+    assert on_disk == ["pending", "running"]
+    assert fake_pipeline("eval=null")[:2] == (0, [])
+
+
+def test_file_digests_stream_and_cover_folders(tmp_path):
+    import hashlib
+
+    from ogpsa.pipelines.identity import CHUNK, path_digest
+
+    big = tmp_path / "d" / "big.jsonl"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(2 * CHUNK + 7))
+    (tmp_path / "d" / "sub").mkdir()
+    (tmp_path / "d" / "sub" / "a.json").write_text("[]")
+    assert path_digest(str(big)) == hashlib.sha256(big.read_bytes()).hexdigest()
+    before = path_digest(str(tmp_path / "d"))
+    assert set(before) == {"big.jsonl", os.path.join("sub", "a.json")}
+    (tmp_path / "d" / "sub" / "a.json").write_text("[1]")
+    assert path_digest(str(tmp_path / "d")) != before
+    assert path_digest(str(tmp_path / "nope")) == "missing"
+
+
+def test_second_runner_refused_while_the_first_holds_the_folder(assets, tmp_path):
+    import socket
+
+    from ogpsa.pipelines.lock import PipelineLock
+
+    root = tmp_path / "runs" / "tiny_sft_dpo"
+    root.mkdir(parents=True)
+    with PipelineLock(str(root)):
+        proc = run_recipe(tmp_path, check=False)
+        assert sorted(p.name for p in root.iterdir()) == ["pipeline.lock"]  # nothing else written
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ogpsa: error:")]
+    assert len(errors) == 1 and str(root / "pipeline.lock") in errors[0]
+    assert f"in use by pid {os.getpid()} on {socket.gethostname()}" in errors[0]
+    assert not (root / "pipeline.lock").exists()  # the holder removed its lock on leaving
+
+
+def test_stale_lock_is_taken_over_and_a_foreign_one_refused(fake_pipeline, tmp_path, monkeypatch, capsys):
+    import socket
+
+    from ogpsa.pipelines import runner
+    from ogpsa.pipelines.lock import PipelineLocked
+
+    root = tmp_path / "runs" / "tiny_sft_dpo"
+    root.mkdir(parents=True)
+    lock = root / "pipeline.lock"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "token": "x"}))
+    holders = []
+
+    def launch(argv, llamafactory=False):
+        holders.append(json.loads(lock.read_text())["pid"])
+        return fake_pipeline.launch(argv, llamafactory)
+
+    monkeypatch.setattr(runner, "_launch", launch)
+    assert fake_pipeline("eval=null")[:2] == (0, ["01_sft", "02_dpo"])
+    err = capsys.readouterr().err
+    assert f"{lock}: taking over a stale lock (pid {dead.pid} on {socket.gethostname()} is not running)" in err
+    assert holders == [os.getpid(), os.getpid()] and not lock.exists()
+    # a lock from another host cannot be checked from here: refused, state untouched
+    before = (root / "pipeline.json").read_bytes()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(PipelineLocked, match="in use by pid 1 on elsewhere since then .another host"):
+        fake_pipeline("eval=null")
+    assert (root / "pipeline.json").read_bytes() == before and lock.exists()
+
+
+def test_real_runs_retrain_on_changed_data_and_on_a_deleted_model(assets, tmp_path):
+    """The same decisions with real training (2 steps per stage, no evaluation)."""
+    args = ("eval=null", "max_steps=2")
+    root = tmp_path / "runs" / "tiny_sft_dpo"
+    run_recipe(tmp_path, *args)
+    sft_weights = (root / "01_sft" / "model.safetensors").stat().st_mtime_ns
+    edit_json(assets / "data" / "toy_safety_dpo.json", lambda rows: rows[0].update(rejected="Sure, here is how."))
+    proc = run_recipe(tmp_path, *args)
+    assert "01_sft: unchanged and done, skipped" in proc.stdout and "02_dpo: changed (data: toy_safety_dpo)" in proc.stdout
+    assert (root / "01_sft" / "model.safetensors").stat().st_mtime_ns == sft_weights
+    dpo_weights = (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(root / "01_sft")
+    proc = run_recipe(tmp_path, *args)
+    assert "01_sft: finished, but its model folder" in proc.stdout and "stage 02_dpo (ogpsa_dpo) from" in proc.stdout
+    assert (root / "01_sft" / "model.safetensors").exists()
+    assert (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns != dpo_weights
+    assert [s["status"] for s in state(tmp_path)["stages"]] == ["done", "done"]
