@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from ogpsa.data_prep.common import write_json_atomic
+
 from .recipe import Recipe, RecipeError, StageSpec, load, stage_hash
 
 STATE_FILE = "pipeline.json"
@@ -132,7 +134,7 @@ class Pipeline:
             self._save()
 
     def _evaluate_model(self, model: str) -> dict:
-        from .evaluate import evaluate_model
+        from .scoring import evaluate_model
 
         _say(f"evaluating {model}")
         return evaluate_model(model, self.recipe.eval)
@@ -182,12 +184,6 @@ def summarize(out: str) -> dict[str, Any]:
             summary[f"mean_{key}"] = sum(r.get(key, 0.0) for r in steps) / max(len(steps), 1)
         metrics["ogpsa"] = summary
     return metrics
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    from .evaluate import write_atomic
-
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _write_yaml(directory: str, name: str, args: dict) -> str:
