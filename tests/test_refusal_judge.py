@@ -153,3 +153,18 @@ def test_judge_without_a_refusal_label_exits_2(assets, tmp_path, capsys):
     assert not out.exists()
     assert evaluate.main([*base, "--judge-label", "unsafe", "--max-new-tokens", "4"]) == 0
     assert set(k for k in json.loads(out.read_text())["metrics"] if k.startswith("judge/")) == {"judge/unsafe/harmful"}
+
+
+def test_judge_pair_sees_prompt_and_answer(assets):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = assets["refusal_judge"]
+    prompts = [f"Question {i}: tell me about {t}." for i, t in enumerate(["rivers", "bread"] * 4)]
+    flags = ClassifierJudge(str(folder), pair=True).flags(TEXTS, prompts, batch_size=3)
+    model, tok = AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    own = []
+    for p, t in zip(prompts, TEXTS):
+        enc = tok(p, t, return_tensors="pt")
+        with torch.no_grad():
+            own.append(int(model(**enc).logits[0].argmax()) == 1)
+    assert flags == own
