@@ -275,8 +275,8 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """`obj` as indented JSON (keys sorted for a dict), atomically."""
-    text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict)) + "\n"
+    """`obj` as indented JSON (keys sorted for a dict; a value JSON cannot hold, as its str), atomically."""
+    text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict), default=str) + "\n"
     return write_atomic(path, text)
 
 

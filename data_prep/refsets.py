@@ -12,7 +12,14 @@ never changes the reference rows). The stats file lists the source positions of 
 * Alpaca `{instruction, input, output}` -> the same (a missing `input` becomes "").
 * HHH: BIG-bench `task.json` `{examples: [{input, target_scores: {text: 0/1}}]}` or Hub rows
   `{input, targets: {choices, labels}}` -> `{instruction: input, input: "", output: choice scored 1}`;
-  `hhh_eval` rows also keep `choices` (original order) and `label` (index of the right one).
+  `hhh_eval` rows also keep `choices` (original order) and `label` (index of the right one), so
+  `ogpsa eval --hhh hhh_eval` measures HHH accuracy on them.
+
+BIG-bench HHH has only 102 distinct prompts (221 examples). `--n 100` (the paper) puts 100 of them
+into `hhh_ref`, and `ogpsa eval --hhh ... --exclude hhh_ref` then has 2 left to measure HHH
+accuracy on. To keep an HHH held-out split, give the HHH set its own, smaller size, for example
+`--hhh-n 50 --eval-n 52`; a warning says so when the reference rows leave fewer than half of the
+distinct prompts.
 """
 
 from __future__ import annotations
@@ -138,6 +145,17 @@ def select(name: str, records: list[Record], excluded: set[str], n: int, eval_n:
     return [alpaca_only(r) for _, r in ref], [r if name == "hhh" else alpaca_only(r) for _, r in held], stats
 
 
+def warn_hhh_held_out(n_ref: int, available: int) -> None:
+    """Warn when hhh_ref leaves fewer than half of the distinct HHH prompts for held-out evaluation."""
+    left = available - n_ref
+    if left * 2 < available:
+        warn(
+            f"hhh_ref takes {n_ref} of the {available} distinct HHH prompts and leaves {left} for held-out "
+            f"evaluation (ogpsa eval --hhh ... --exclude hhh_ref measures only those); keep an HHH held-out split "
+            f"with a smaller --hhh-n, e.g. --hhh-n {available // 2} --eval-n {available - available // 2}"
+        )
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `refsets` on the `ogpsa data` parser."""
     p = subparsers.add_parser(
@@ -156,6 +174,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             help=f"Hub id OWNER/NAME[:CONFIG][@SPLIT], local file or folder, or 'none' (default {default})",
         )
     p.add_argument("--n", type=int, default=100, help="rows per reference set (paper: 100)")
+    p.add_argument(
+        "--hhh-n",
+        type=int,
+        default=None,
+        help="rows of hhh_ref (default: --n); BIG-bench HHH has 102 distinct prompts, so keep it at about half "
+        "(e.g. --hhh-n 50 --eval-n 52) to leave a held-out HHH split for ogpsa eval",
+    )
     p.add_argument("--eval-n", type=int, default=0, help="rows per held-out *_eval set (default 0: none)")
     p.add_argument(
         "--exclude",
@@ -171,8 +196,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute `ogpsa data refsets`."""
-    if args.n < 0 or args.eval_n < 0:
-        raise DataPrepError("--n and --eval-n must be >= 0")
+    hhh_n = args.n if args.hhh_n is None else args.hhh_n
+    if min(args.n, args.eval_n, hhh_n) < 0:
+        raise DataPrepError("--n, --hhh-n and --eval-n must be >= 0")
     chosen = {name: getattr(args, name) for name in SOURCES if getattr(args, name).lower() != "none"}
     if not chosen:
         raise DataPrepError("refsets: every source is 'none'; nothing to write")
@@ -180,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     data: dict[str, list[dict[str, Any]]] = {}
     per_source: dict[str, Any] = {}
     for name, source in chosen.items():
-        ref, held, stats = select(name, load(name, source), excluded, args.n, args.eval_n, args.seed)
+        ref, held, stats = select(name, load(name, source), excluded, hhh_n if name == "hhh" else args.n, args.eval_n, args.seed)
+        if name == "hhh":
+            warn_hhh_held_out(len(ref), stats["available"])
         data[f"{name}_ref"] = ref
         if args.eval_n:
             data[f"{name}_eval"] = held
@@ -189,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "refsets",
         "seed": args.seed,
         "n": args.n,
+        "hhh_n": hhh_n,
         "eval_n": args.eval_n,
         "exclude": args.exclude,
         "sources": per_source,

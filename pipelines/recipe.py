@@ -180,7 +180,7 @@ def _check_eval(block: Any, where: str) -> None:
         return
     if not isinstance(block, dict):
         raise RecipeError(f"{where}eval: expected a mapping of evaluation settings")
-    from .evaluate import EvalConfig, EvalError
+    from .eval_config import EvalConfig, EvalError
 
     try:
         EvalConfig.from_dict(block)

@@ -27,7 +27,10 @@ import json
 import sys
 from pathlib import Path
 
-from .evaluate import EvalError, write_atomic
+from ogpsa.data_prep.common import write_atomic
+
+from .eval_config import EvalError
+from .scoring import flat_metrics
 
 COLUMNS = [("refusal_harmful", "refusal (harmful) ↑"), ("refusal_benign", "over-refusal (benign) ↓")]
 TAIL = [("nll_mean", "NLL mean ↓"), ("hhh_acc", "HHH acc ↑"), ("hhh_acc_norm", "HHH acc (norm) ↑")]
@@ -44,11 +47,7 @@ def _metrics(ev: dict | None) -> dict | None:
     """The flat metrics of an evaluate_model result (recomputed when the block lacks them)."""
     if not ev:
         return None
-    if "metrics" in ev:
-        return ev["metrics"]
-    from .evaluate import _flat_metrics
-
-    return _flat_metrics(ev)
+    return ev["metrics"] if "metrics" in ev else flat_metrics(ev)
 
 
 def _recipe_name(recipe) -> str | None:
@@ -97,9 +96,10 @@ def _cell(v) -> str:
 
 
 def markdown_table(runs: list[dict]) -> str:
-    """One row per (run, stage); columns: refusal rates, capability NLLs, NLL mean, HHH accuracy, lm-eval metrics."""
+    """One row per (run, stage); columns: refusal rates, capability NLLs, NLL mean, HHH accuracy, judge rates
+    and lm-eval metrics."""
     nll_keys = sorted({k for r in runs for _, m in r["points"] for k in (m or {}) if k.startswith("nll/")})
-    lm_keys = sorted({k for r in runs for _, m in r["points"] for k in (m or {}) if k.startswith("lm_eval/")})
+    lm_keys = sorted({k for r in runs for _, m in r["points"] for k in (m or {}) if k.startswith(("judge/", "lm_eval/"))})
     cols = COLUMNS + [(k, f"{k} ↓") for k in nll_keys] + TAIL + [(k, k) for k in lm_keys]
     lines = ["| run | stage | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for r in runs:

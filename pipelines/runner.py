@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from ogpsa.data_prep.common import write_json_atomic
+
 from .identity import eval_identity, stage_identity, stage_inputs
 from .lock import PipelineLock
 from .recipe import Recipe, RecipeError, StageSpec, load
@@ -177,7 +179,7 @@ class Pipeline:
             self._save()
 
     def _evaluate_model(self, model: str) -> dict:
-        from .evaluate import evaluate_model
+        from .scoring import evaluate_model
 
         _say(f"evaluating {model}")
         return evaluate_model(model, self.recipe.eval)
@@ -239,12 +241,6 @@ def _what_changed(record: dict, inputs: dict) -> str:
     before = record.get("inputs") or {}
     data = sorted(n for n, d in inputs.items() if before.get(n) != _short(d))
     return f"data: {', '.join(data)}" if data else "arguments or starting model"
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    from .evaluate import write_atomic
-
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _write_yaml(directory: str, name: str, args: dict) -> str:

@@ -17,42 +17,78 @@ The same callback works without any patching: `run_exp(args, callbacks=[cb])` af
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import typing
+from typing import Any, Optional
 
 from .callback import OGPSACallback
-from .settings import OGPSAConfigError, split_ogpsa_args
+from .settings import PREFIX, OGPSAArguments, OGPSAConfigError, split_ogpsa_args
 
 _PENDING: list[OGPSACallback] = []
 _PATCHED = "__ogpsa_patched__"
 
 
-def argv_to_dict(argv: list[str]) -> dict[str, Any]:
-    """`--key value` / `--key=value` command-line arguments as a dict (values parsed as YAML scalars)."""
-    import yaml
+def _flag(token: str) -> tuple[str, str | None]:
+    """(key, value or None) of a `--key` or `--key=value` token."""
+    key, eq, value = token[2:].partition("=")
+    return key, (value if eq else None)
 
-    out, i = {}, 0
+
+def _typed(key: str, text: str | None) -> Any:
+    """An `ogpsa_*` flag's text as its OGPSAArguments field type (ints; strings stay strings, and a
+    wrong value is left for `split_ogpsa_args` to reject with its one-line message)."""
+    if text is None:
+        raise OGPSAConfigError(f"--{key}: expected a value")
+    hint = typing.get_type_hints(OGPSAArguments).get(key)
+    if hint in (int, Optional[int]) and re.fullmatch(r"[+-]?\d+", text.strip()):
+        return int(text)
+    return text
+
+
+def split_argv(argv: list[str], where: str = "") -> tuple[OGPSAArguments | None, list[str]]:
+    """(OGPSA settings or None, the stock flags) of a `--key value` / `--key=value` command line.
+
+    Stock flags go back as the very strings they were, for LLaMA-Factory's own HfArgumentParser to
+    type (so `--learning_rate 1e-5` is a float, as in a stock run); only the `ogpsa_*` flags are
+    removed and typed here, and an OGPSA `--stage` value is mapped to LLaMA-Factory's stage.
+    """
+    ours: dict[str, Any] = {}
+    stock: list[str] = []
+    stage_at: int | None = None  # index in `stock` of the stage's value
+    i = 0
     while i < len(argv):
         token = argv[i]
-        if not token.startswith("--"):
-            raise OGPSAConfigError(f"unexpected command-line argument {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
-        out[key] = yaml.safe_load(value) if value != "" else ""
+        key, value = _flag(token) if token.startswith("--") else ("", None)
+        takes_next = value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if key.startswith(PREFIX):
+            ours[key] = _typed(key, argv[i + 1] if takes_next else value)
+            i += 2 if takes_next else 1
+            continue
+        if key == "stage" and (value is not None or takes_next):
+            stock.append(token if value is None else "--stage")
+            stock.append(argv[i + 1] if takes_next else value)
+            stage_at = len(stock) - 1
+            i += 2 if takes_next else 1
+            continue
+        stock.append(token)
         i += 1
-    return out
+    stage = stock[stage_at] if stage_at is not None else "sft"
+    settings, mapped = split_ogpsa_args({"stage": stage, **ours}, where)
+    if settings is None:
+        return None, list(argv)
+    if stage_at is not None:
+        stock[stage_at] = mapped["stage"]
+    return settings, stock
 
 
 def prepare(args: dict[str, Any] | list[str] | None, callbacks: list | None, where: str = ""):
     """(stock args, callbacks) for LLaMA-Factory; adds an OGPSACallback for OGPSA stages."""
-    if isinstance(args, list) and any("ogpsa" in a for a in args):
-        args = argv_to_dict(args)
-    if not isinstance(args, dict):
+    if isinstance(args, list):
+        settings, stock = split_argv(args, where)
+    elif isinstance(args, dict):
+        settings, stock = split_ogpsa_args(args, where)
+    else:
         return args, callbacks, None
-    settings, stock = split_ogpsa_args(args, where)
     if settings is None:
         return args, callbacks, None
     callback = OGPSACallback(settings)

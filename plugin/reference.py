@@ -69,18 +69,26 @@ def tokenize_reference_sets(
     """Tokenise each reference set once with the run's template and cutoff (LLaMA-Factory pipeline)."""
     from llamafactory.data import get_dataset
 
+    # The training data's mixing, sampling, splitting, streaming and packing settings describe the
+    # training data, not a reference set: each set is one dataset, read in order, unpacked. Packing
+    # shortened cutoff_len by one in DataArguments.__post_init__; undo that so the reference samples
+    # are cut exactly as in an unpacked run.
+    cutoff_len = data_args.cutoff_len + 1 if data_args.packing else data_args.cutoff_len
     sets = []
     for name in names:
         ref_args = dataclasses.replace(
             data_args,
             dataset=[name],
             eval_dataset=None,
+            mix_strategy="concat",
+            interleave_probs=None,
             val_size=0.0,
             max_samples=samples,
             tokenized_path=None,
             streaming=False,
             packing=False,
             neat_packing=False,
+            cutoff_len=cutoff_len,
         )
         try:
             module = get_dataset(template, model_args, ref_args, training_args, "sft", tokenizer, processor)

@@ -90,9 +90,6 @@ class OGPSAArguments:
     def refresh_steps(self) -> int:
         return DEFAULT_REFRESH[self.stage] if self.ogpsa_refresh_steps is None else self.ogpsa_refresh_steps
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(PREFIX)}
-
 
 def user_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(OGPSAArguments) if f.name.startswith(PREFIX)]
@@ -170,10 +167,3 @@ def validate(settings: OGPSAArguments, where: str = "") -> None:
             f"{where}ogpsa_reference_batch_size: must be >= 1, got {settings.ogpsa_reference_batch_size}"
         )
 
-
-def help_text() -> str:
-    """The keys with their defaults and help, for `ogpsa train --help-ogpsa` and the README."""
-    lines = []
-    for f in user_fields():
-        lines.append(f"  {f.name} (default {f.default!r}): {f.metadata['help']}")
-    return "\n".join(lines)

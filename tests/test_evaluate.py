@@ -9,9 +9,13 @@ import os
 
 import pytest
 
+from pathlib import Path
+
 from ogpsa.data_prep import tiny
-from ogpsa.pipelines import evaluate, report
-from ogpsa.pipelines.evaluate import EvalConfig, EvalError, is_refusal
+from ogpsa.data_prep.common import norm_text, write_atomic
+from ogpsa.pipelines import evaluate, probes, report, scoring
+from ogpsa.pipelines.eval_config import EvalConfig, EvalError
+from ogpsa.pipelines.refusal import is_refusal
 
 REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 PROBES = ["toy_math_eval", "toy_general_eval", "toy_hhh_eval"]
@@ -72,22 +76,22 @@ def test_json_written_atomically(cli_result, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        evaluate.write_atomic(cli_result, "{}")
+        write_atomic(cli_result, "{}")
     assert cli_result.read_text() == before
     assert [p.name for p in folder.iterdir()] == ["eval.json"]
 
 
 def test_nll_does_not_depend_on_batching(assets):
     cfg = EvalConfig(batch_size=1, progress=False)
-    model, tok, tpl = evaluate.load_model(evaluate.Path(assets["model"]), cfg)
-    probes, _ = evaluate.load_probes("toy_math_eval", EvalConfig(dataset_dir=assets["data"]), set(), True)
-    pairs = [evaluate.encode_prompt(tpl, tok, p["prompt"], p["answer"]) for p in probes[:6]]
-    one = evaluate.score_pairs(model, tok, pairs, cfg, "b1")
-    many = evaluate.score_pairs(model, tok, pairs, EvalConfig(batch_size=6, progress=False), "b6")
+    model, tok, tpl = scoring.load_model(Path(assets["model"]), cfg)
+    rows, _ = probes.load_probes("toy_math_eval", EvalConfig(dataset_dir=assets["data"]), set(), True)
+    pairs = [scoring.encode_prompt(tpl, tok, p["prompt"], p["answer"]) for p in rows[:6]]
+    one = scoring.score_pairs(model, tok, pairs, cfg, "b1")
+    many = scoring.score_pairs(model, tok, pairs, EvalConfig(batch_size=6, progress=False), "b6")
     for (a, n), (b, m) in zip(one, many):
         assert n == m and a == pytest.approx(b, rel=1e-4)
-    gen1 = evaluate.generate(model, tok, tpl, [p["prompt"] for p in probes[:4]], EvalConfig(batch_size=1, max_new_tokens=5, progress=False), "g")
-    gen4 = evaluate.generate(model, tok, tpl, [p["prompt"] for p in probes[:4]], EvalConfig(batch_size=4, max_new_tokens=5, progress=False), "g")
+    gen1 = scoring.generate(model, tok, tpl, [p["prompt"] for p in rows[:4]], EvalConfig(batch_size=1, max_new_tokens=5, progress=False), "g")
+    gen4 = scoring.generate(model, tok, tpl, [p["prompt"] for p in rows[:4]], EvalConfig(batch_size=4, max_new_tokens=5, progress=False), "g")
     assert gen1 == gen4  # left padding does not change greedy outputs
 
 
@@ -96,8 +100,8 @@ def test_answer_tokens_only_scored(assets):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(assets["model"])
-    tpl = evaluate.make_template(tok, cfg)
-    prompt_ids, resp_ids = evaluate.encode_prompt(tpl, tok, "Say hi.", "Hi there")
+    tpl = scoring.make_template(tok, cfg)
+    prompt_ids, resp_ids = scoring.encode_prompt(tpl, tok, "Say hi.", "Hi there")
     assert "<|im_start|>assistant" in tok.decode(prompt_ids) and "Hi there" not in tok.decode(prompt_ids)
     assert tok.decode(resp_ids).startswith("Hi there") and tok.eos_token == "<|im_end|>"
 
@@ -141,19 +145,19 @@ def test_non_refusals_not_detected(text):
 
 
 def test_probes_never_overlap_reference(assets, tmp_path):
-    data = evaluate.Path(assets["data"])
+    data = Path(assets["data"])
     ref = json.loads((data / "toy_math_ref.json").read_text())
-    probes = json.loads((data / "toy_math_eval.json").read_text())
+    held = json.loads((data / "toy_math_eval.json").read_text())
     leaked = [dict(ref[0]), dict(ref[1], instruction="  " + ref[1]["instruction"].upper() + " "), ref[2]]
     mixed = tmp_path / "mixed.json"
-    mixed.write_text(json.dumps(probes + leaked))
+    mixed.write_text(json.dumps(held + leaked))
     cfg = EvalConfig(dataset_dir=assets["data"], exclude=["toy_math_ref"])
-    kept, dropped = evaluate.load_probes(str(mixed), cfg, evaluate.reference_prompts(cfg), need_answer=True)
-    assert dropped == 3 and len(kept) == len(probes)
-    ref_prompts = {evaluate._norm(r["instruction"]) for r in ref}
-    assert not any(evaluate._norm(p["prompt"]) in ref_prompts for p in kept)
-    kept_all, dropped_none = evaluate.load_probes(str(mixed), EvalConfig(), set(), need_answer=True)
-    assert dropped_none == 0 and len(kept_all) == len(probes) + 3
+    kept, dropped = probes.load_probes(str(mixed), cfg, probes.reference_prompts(cfg), need_answer=True)
+    assert dropped == 3 and len(kept) == len(held)
+    ref_prompts = {norm_text(r["instruction"]) for r in ref}
+    assert not any(norm_text(p["prompt"]) in ref_prompts for p in kept)
+    kept_all, dropped_none = probes.load_probes(str(mixed), EvalConfig(), set(), need_answer=True)
+    assert dropped_none == 0 and len(kept_all) == len(held) + 3
 
 
 def test_prompt_file_formats(tmp_path):
@@ -161,9 +165,9 @@ def test_prompt_file_formats(tmp_path):
     (tmp_path / "p.yaml").write_text("seeds:\n  - value: goal one\n  - value: goal two\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"instruction": "b", "input": "ctx"}\n')
     cfg = EvalConfig()
-    assert [p["prompt"] for p in evaluate.load_probes(str(tmp_path / "p.txt"), cfg, set(), False)[0]] == ["first prompt", "second prompt"]
-    assert [p["prompt"] for p in evaluate.load_probes(str(tmp_path / "p.yaml"), cfg, set(), False)[0]] == ["goal one", "goal two"]
-    assert [p["prompt"] for p in evaluate.load_probes(str(tmp_path / "p.jsonl"), cfg, set(), False)[0]] == ["a", "b\nctx"]
+    assert [p["prompt"] for p in probes.load_probes(str(tmp_path / "p.txt"), cfg, set(), False)[0]] == ["first prompt", "second prompt"]
+    assert [p["prompt"] for p in probes.load_probes(str(tmp_path / "p.yaml"), cfg, set(), False)[0]] == ["goal one", "goal two"]
+    assert [p["prompt"] for p in probes.load_probes(str(tmp_path / "p.jsonl"), cfg, set(), False)[0]] == ["a", "b\nctx"]
 
 
 def test_missing_model_dir_exits_2(tmp_path, capsys):

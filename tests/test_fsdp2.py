@@ -10,7 +10,6 @@ the same step. The end-to-end FSDP2 run through `llamafactory-cli` needs a GPU m
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
