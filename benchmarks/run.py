@@ -306,12 +306,12 @@ def install_wrappers() -> None:
 
     timed_project = timed(original_project)
 
-    def project_(grads, basis, mode="project"):
+    def project_(grads, basis, mode="project", reduce=None):
         rec = Recorder.current
-        if rec is not None and rec.profile_now:
+        if rec is not None and rec.profile_now and reduce is None:
             rec.profile_now = False
             rec.profile = profile_projection(original_project, grads, basis, mode, rec.device)
-        return timed_project(grads, basis, mode)
+        return timed_project(grads, basis, mode, reduce)
 
     cbmod.OGPSACallback.rebuild = rebuild
     cbmod.project_ = project_
@@ -447,7 +447,7 @@ def make_timer(rec: Recorder):
 def raw_forward_backward(cb, model, args, device: str, batch_size: int) -> float:
     """Forward+backward of the rebuild's reference batches, nothing else (no norms, no basis)."""
     import torch
-    from ogpsa.plugin.reference import _shard_batches
+    from ogpsa.plugin.reference import shard_batches
 
     params = cb.params
     dev = params[0].device
@@ -457,7 +457,7 @@ def raw_forward_backward(cb, model, args, device: str, batch_size: int) -> float
         _sync(device)
         t0 = time.perf_counter()
         for ref in cb.refs:
-            for batch in _shard_batches(ref, batch_size, cb.collator, dev):
+            for batch, _ in shard_batches(ref, batch_size, cb.collator, dev):
                 model(**batch).loss.backward()
             for p in params:
                 p.grad = None

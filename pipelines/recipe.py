@@ -90,6 +90,7 @@ def resolve(raw: dict[str, Any], path: str = "<recipe>", sha256: str = "") -> Re
         raise RecipeError(f"{where}stages: expected a non-empty list of stages")
     names = [s.get("name") if isinstance(s, dict) else None for s in stages_raw]
     shared = {k: v for k, v in raw.items() if k not in RECIPE_KEYS and k not in names}
+    _beside_recipe(shared, path)
     per_stage_cli = {k: v for k, v in raw.items() if k in names and isinstance(v, dict)}
     if "output_dir" not in shared:
         raise RecipeError(f"{where}output_dir: required (the pipeline root; stages write <output_dir>/<NN>_<name>/)")
@@ -114,6 +115,16 @@ def resolve(raw: dict[str, Any], path: str = "<recipe>", sha256: str = "") -> Re
         base_model=str(shared["model_name_or_path"]),
         raw=raw,
     )
+
+
+def _beside_recipe(shared: dict, path: str) -> None:
+    """A relative `deepspeed:` config missing from the working directory is looked up next to the
+    recipe file, so a recipe and the config shipped beside it run from anywhere."""
+    config = shared.get("deepspeed")
+    if isinstance(config, str) and not os.path.isabs(config) and not os.path.exists(config):
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), config)
+        if os.path.exists(beside):
+            shared["deepspeed"] = beside
 
 
 def _stage(index: int, entry: Any, shared: dict, cli: dict, where: str) -> StageSpec:

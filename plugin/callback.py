@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -164,6 +165,7 @@ class OGPSACallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             self._log_path = os.path.join(args.output_dir, LOG_FILE)
+            _keep_log_before(self._log_path, state.global_step)
             self._write(self._last_rebuild)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -333,6 +335,32 @@ class OGPSACallback(TrainerCallback):
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _keep_log_before(path: str, step: int) -> None:
+    """Start the log afresh (step 0), or keep what a resumed run already did before `step`: records
+    of an earlier run into the same output_dir, or of the attempt after the checkpoint, would
+    otherwise be counted twice."""
+    if not os.path.exists(path):
+        return
+    if step == 0:
+        os.remove(path)
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) < step + (
+        0 if '"event": "rebuild"' in line else 1)]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _record_step(line: str):
+    try:
+        return int(json.loads(line).get("step"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def rank_spread(basis: SubspaceBasis, sharded: bool = False) -> float:
     """Largest difference across data-parallel ranks of a fingerprint of the basis (0.0 = identical).
 
@@ -353,10 +381,11 @@ def rank_spread(basis: SubspaceBasis, sharded: bool = False) -> float:
 
 
 def _steps(args, state) -> int:
-    steps = args.logging_steps
-    if isinstance(steps, float) and steps < 1:  # a ratio of max_steps, as transformers allows
-        steps = max(1, int(steps * state.max_steps))
-    return int(steps)
+    """The trainer's own logging interval (`TrainerState.compute_steps` rounds a ratio up)."""
+    steps = getattr(state, "logging_steps", None) or args.logging_steps
+    if steps < 1:  # a ratio of max_steps, as transformers allows
+        steps = math.ceil(steps * state.max_steps)
+    return max(1, int(steps))
 
 
 def check_supported(training_args, finetuning_args, settings: OGPSAArguments) -> None:

@@ -167,6 +167,14 @@ def _deepspeed_layout(optimizer, params, settings: OGPSAArguments) -> Optional[S
         zero, "offload_param", False)
     if offload:
         raise OGPSAConfigError("deepspeed: ZeRO offload is not supported by OGPSA stages")
-    if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
-        return Zero3Layout(params, zero)
-    return ZeroLayout(params, zero, 2 if zero.partition_gradients else 1)
+    try:
+        if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+            return Zero3Layout(params, zero)
+        return ZeroLayout(params, zero, 2 if zero.partition_gradients else 1)
+    except AttributeError as e:  # a release whose optimizer keeps its partitions under other names
+        import deepspeed
+
+        raise OGPSAConfigError(
+            f"deepspeed: version {deepspeed.__version__} lays out its ZeRO partitions in a way OGPSA does not know "
+            f"({e}); install deepspeed==0.19.8 (constraints.txt)"
+        ) from None

@@ -119,7 +119,7 @@ def _batches_per_rank(ref: ReferenceSet, batch_size: int, rank: int, world: int)
     return -(-len(ref.features[rank::world]) // batch_size)
 
 
-def _shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bool = False
+def shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bool = False
                    ) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
     """(micro-batch, loss weight) of this rank's samples (every world-th one).
 
@@ -196,7 +196,7 @@ def reference_gradients(
             for p, buf in zip(params, buffers):
                 p.grad = buf.view_as(p)
             tokens = torch.zeros((), dtype=torch.float64, device=device)
-            for batch, _ in _shard_batches(ref, batch_size, collator, device):
+            for batch, _ in shard_batches(ref, batch_size, collator, device):
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
                 loss = model(**batch).loss  # mean NLL over this batch's answer tokens
                 (loss * n).backward()  # -> sum of token NLLs, so sets weight tokens equally
@@ -264,7 +264,7 @@ def sharded_reference_gradients(
         for ref in refs:
             buffers = rows()
             tokens = torch.zeros((), dtype=torch.float64, device=device)
-            for batch, weight in _shard_batches(ref, batch_size, collator, device, even=layout.collective_forward):
+            for batch, weight in shard_batches(ref, batch_size, collator, device, even=layout.collective_forward):
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * int(weight)
                 (model(**batch).loss * n).backward()  # the sum of token NLLs (0 for a top-up batch)
                 tokens += n

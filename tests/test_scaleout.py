@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
 pytestmark = pytest.mark.scaleout
 
@@ -114,6 +114,18 @@ def test_zero_matches_ddp(tiny, root, engines, engine, workflow):
         assert first[f"grad_norm/{name}"] == pytest.approx(ddp_rebuild[0][f"grad_norm/{name}"], rel=1e-5)
     steps = [r for r in ogpsa_log(runs[engine, "ogpsa"]) if "removed_fraction" in r]
     assert len(steps) == 2 and all(abs(r[f"cos_after/{n}"]) < 1e-5 for r in steps for n in REFS)
+    # clip -> project: the engine clipped the raw norm (> 1) to 1 before the projection saw it
+    raw = [h["grad_norm"] for h in log_history(runs[engine, "ogpsa"]) if "loss" in h]
+    assert all(g > 1.0 for g in raw) and all(abs(r["grad_norm"] - 1.0) < 1e-4 for r in steps)
+
+    # first order: the reference losses move >= 10x less than under the same engine's plain run
+    start = reference_losses(tiny["model"], tiny, REFS)
+    moved = {}
+    for label in ("plain", "ogpsa"):
+        after = reference_losses(str(runs[engine, label]), tiny, REFS)
+        moved[label] = max(abs(after[n] - start[n]) for n in REFS)
+    print(f"{engine} {workflow}: largest reference-loss change, plain {moved['plain']:.5f}, ogpsa {moved['ogpsa']:.5f}")
+    assert moved["plain"] > 0.01 and moved["ogpsa"] * 10 <= moved["plain"]
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
@@ -135,17 +147,46 @@ def test_zero_keeps_reference_losses_steady(tiny, root, engines, engine):
     assert change["update"]["toy_safety_sft"] < -0.1
 
 
-def test_zero1_and_lora_match_ddp(tiny, root, engines):
-    """ZeRO-1 (full) and ZeRO-3 with LoRA, each against its DDP run."""
-    lora = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "learning_rate": 0.5}
-    cases = (("zero1", "full", {}), ("zero3", "lora", lora))
-    for engine, label, extra in cases:
-        ddp = load_adapter_or_model(train(tiny, root, engines, "ddp", "sft", f"{label}_ogpsa", **extra, **ogpsa("sft")))
-        got = load_adapter_or_model(train(tiny, root, engines, engine, "sft", f"{label}_ogpsa", **extra, **ogpsa("sft")))
-        start = load_adapter_or_model(train(tiny, root, engines, "ddp", "sft", f"{label}_plain", **extra))
-        gap, effect = max_diff(ddp, got), max_diff(ddp, start)
-        print(f"{engine} {label}: ogpsa ddp-vs-engine {gap:.2e}, ogpsa-plain {effect:.2e}")
-        assert effect > 1e-3 and gap <= 1e-3 * effect  # the engine reproduces the projection's effect
+MATRIX = [(engine, tuning, workflow) for engine in ("zero1", "zero2", "zero3") for tuning in ("lora", "freeze")
+          for workflow in ("sft", "dpo")] + [("zero1", "full", "sft"), ("zero1", "full", "dpo")]
+TUNING = {"full": {}, "freeze": {"finetuning_type": "freeze"},
+          "lora": {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "learning_rate": 0.5}}
+
+
+@pytest.mark.parametrize("engine,tuning,workflow", MATRIX)
+def test_support_matrix_cell_matches_ddp(tiny, root, engines, engine, tuning, workflow):
+    """Every engine x fine-tuning x workflow cell of the README's support matrix against its DDP run."""
+    extra = {**TUNING[tuning], **ogpsa(workflow)}
+    ddp_out = train(tiny, root, engines, "ddp", workflow, f"{tuning}_ogpsa", **extra)
+    out = train(tiny, root, engines, engine, workflow, f"{tuning}_ogpsa", **extra)
+    ddp, got = load_adapter_or_model(ddp_out), load_adapter_or_model(out)
+    if tuning == "lora":  # B starts at zero: its size is the update
+        update = max(float(v.abs().max()) for k, v in ddp.items() if "lora_B" in k)
+    else:
+        update = max_diff(ddp, load_state(tiny["model"]))
+    gap = max_diff(ddp, got)
+    print(f"{engine} {tuning} {workflow}: ddp-vs-engine {gap:.2e}, update {update:.2e}")
+    assert update > 1e-3 and gap <= 1e-4 * update
+    ddp_event = next(r for r in ogpsa_log(ddp_out) if r.get("event") == "rebuild")
+    event = next(r for r in ogpsa_log(out) if r.get("event") == "rebuild")
+    assert event["engine"] == engine and event["rank"] == ddp_event["rank"] == 3
+    assert event["basis_bytes_total"] == ddp_event["basis_bytes"] and event["param_numel"] == ddp_event["param_numel"]
+
+
+def test_accelerate_env_deepspeed_is_detected(tiny, root, engines):
+    """DeepSpeed enabled by the environment (as `accelerate launch` with a config file does), no
+    `deepspeed:` key: the engine actually running is found and projected, as the YAML form."""
+    out = root / "env_zero2"
+    cfg = base_config(tiny, out, **{
+        "stage": "sft", "dataset": DATA["sft"], "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "max_samples": 8, "max_steps": 2, "optim": "sgd", "learning_rate": 0.05, "max_grad_norm": 1.0,
+        "ddp_backend": "gloo", **ogpsa("sft")})
+    env = {**TORCHRUN, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    run_cli(cfg, root / "run_env_zero2", env=env)
+    events = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
+    assert events and all(r["engine"] == "zero2" for r in events)
+    reference = train(tiny, root, engines, "zero2", "sft", "ogpsa", **ogpsa("sft"))
+    assert max_diff(load_state(reference), load_state(out)) <= 1e-6
 
 
 def load_adapter_or_model(out):

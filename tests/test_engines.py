@@ -1,0 +1,110 @@
+"""Engine checks before launch: what OGPSA refuses, with one line naming the key, exit 2, nothing written."""
+
+import json
+
+import pytest
+from conftest import base_config, ogpsa_keys, run_cli
+
+from ogpsa.plugin.engines import check_arguments
+from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
+
+
+def settings(**keys) -> OGPSAArguments:
+    return OGPSAArguments(**{"ogpsa_reference": "a", **keys}, stage="ogpsa_sft")
+
+
+def ds(tmp_path, stage=2, **zero) -> str:
+    path = tmp_path / f"ds_{stage}.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage, **zero}}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("zero0", "ZeRO stage 0"),
+        ("offload_optimizer", "zero_optimization.offload_optimizer (device 'cpu')"),
+        ("offload_param", "zero_optimization.offload_param (device 'nvme')"),
+        ("global", "ogpsa_granularity: 'global' is not supported under DeepSpeed ZeRO"),
+        ("missing", "does not exist"),
+        ("fsdp1", "fsdp: OGPSA supports FSDP2 only"),
+        ("pure_bf16", "pure_bf16: bf16 weights cannot resolve a small step"),
+        ("use_mca", "use_mca: not supported"),
+        ("use_galore", "use_galore: not supported"),
+    ],
+)
+def test_unsupported_set_ups_are_refused(tmp_path, case, message):
+    keys, args = {}, {}
+    if case == "zero0":
+        args["deepspeed"] = ds(tmp_path, 0)
+    elif case == "offload_optimizer":
+        args["deepspeed"] = ds(tmp_path, 3, offload_optimizer={"device": "cpu"})
+    elif case == "offload_param":
+        args["deepspeed"] = ds(tmp_path, 3, offload_param={"device": "nvme"})
+    elif case == "global":
+        args["deepspeed"], keys["ogpsa_granularity"] = ds(tmp_path, 2), "global"
+    elif case == "missing":
+        args["deepspeed"] = str(tmp_path / "nope.json")
+    elif case == "fsdp1":
+        args.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 1})
+    else:
+        args[case] = True
+    with pytest.raises(OGPSAConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_arguments(args.get, settings(**keys), "x.yaml: ")
+
+
+@pytest.mark.parametrize(
+    "args,keys",
+    [
+        ({"deepspeed": "ZERO2"}, {}),
+        ({"deepspeed": "ZERO3"}, {"ogpsa_mode": "conflict"}),
+        ({"deepspeed": {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}}}}, {}),
+        ({"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}, {"ogpsa_granularity": "global"}),
+        ({"pure_bf16": True}, {"ogpsa_target": "gradient"}),
+        ({}, {"ogpsa_granularity": "global"}),
+    ],
+)
+def test_supported_set_ups_pass(tmp_path, args, keys):
+    if isinstance(args.get("deepspeed"), str):
+        args = {**args, "deepspeed": ds(tmp_path, int(args["deepspeed"][-1]))}
+    check_arguments(args.get, settings(**keys), "")
+
+
+def test_use_v1_is_refused(monkeypatch):
+    monkeypatch.setenv("USE_V1", "1")
+    with pytest.raises(OGPSAConfigError, match="USE_V1"):
+        check_arguments({}.get, settings(), "")
+
+
+def test_refused_before_launch_exit_2_nothing_written(tiny, tmp_path):
+    out = tmp_path / "out"
+    config = ds(tmp_path, 3, offload_optimizer={"device": "cpu"})
+    cfg = base_config(tiny, out, deepspeed=config, **ogpsa_keys())
+    proc = run_cli(cfg, tmp_path / "run", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ogpsa: error:")]
+    assert proc.returncode == 2 and len(errors) == 1
+    assert "config.yaml: deepspeed: zero_optimization.offload_optimizer" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["qwen_sft_dpo.yaml", "llama3_sft_dpo.yaml"])
+def test_flagship_recipes_use_zero3_with_fp32_master_weights(name, tmp_path):
+    """The paper's 7-8B full fine-tunes: ZeRO-3 with bf16 compute and fp32 master weights, the
+    DeepSpeed config found next to the recipe from any working directory."""
+    from pathlib import Path
+
+    import yaml
+
+    from ogpsa.pipelines import recipe as recipes
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / name
+    raw = yaml.safe_load(path.read_text())
+    info = {n: {"file_name": "x.json", "ranking": n.endswith("dpo")}
+            for n in ["saferlhf_sft", "saferlhf_dpo", *raw["ogpsa_reference"].split(",")]}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    parsed = recipes.load(str(path), [f"dataset_dir={tmp_path}"])
+    for stage in parsed.stages:
+        assert stage.args["bf16"] is True and not stage.args.get("pure_bf16")
+        config = json.loads(Path(stage.args["deepspeed"]).read_text())
+        assert config["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in config["zero_optimization"]
+        assert config["bf16"]["enabled"] == "auto"  # follows bf16: true; ZeRO keeps fp32 master weights
