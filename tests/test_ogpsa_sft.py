@@ -18,19 +18,24 @@ def test_first_order_preservation_sft(tiny, tmp_path):
     names = REFS + ["toy_safety_sft"]
     start = reference_losses(tiny["model"], tiny, names)
     change = {}
-    for kind, extra in (("plain", {}), ("ogpsa", ogpsa_keys())):
+    runs = (("plain", {}), ("ogpsa", ogpsa_keys()), ("bf16_basis", ogpsa_keys(ogpsa_basis_dtype="bfloat16")))
+    for kind, extra in runs:
         out = tmp_path / kind
         cfg = base_config(tiny, out, optim="sgd", learning_rate=0.05, max_steps=4, max_grad_norm=0.0, **extra)
         run_cli(cfg, tmp_path / f"run_{kind}")
         after = reference_losses(str(out), tiny, names)
         change[kind] = {n: after[n] - start[n] for n in names}
-    plain_ref = max(abs(change["plain"][n]) for n in REFS)
-    ogpsa_ref = max(abs(change["ogpsa"][n]) for n in REFS)
-    print(f"largest reference-loss change: plain {plain_ref:.5f}, ogpsa {ogpsa_ref:.5f}; "
-          f"safety loss change under ogpsa {change['ogpsa']['toy_safety_sft']:.4f}")
+    worst = {kind: max(abs(change[kind][n]) for n in REFS) for kind, _ in runs}
+    plain_ref, ogpsa_ref = worst["plain"], worst["ogpsa"]
+    print(f"largest reference-loss change: plain {plain_ref:.5f}, ogpsa {ogpsa_ref:.5f}, bf16 basis "
+          f"{worst['bf16_basis']:.5f}; safety loss change under ogpsa {change['ogpsa']['toy_safety_sft']:.4f}")
     assert plain_ref > 0.05, "the learning rate must visibly move the reference losses under plain SFT"
     assert ogpsa_ref * 10 <= plain_ref
     assert change["ogpsa"]["toy_safety_sft"] < -0.1  # the safety loss still falls
+    # a bfloat16 basis (half the memory) beside float32 weights: still >= 10x steadier than plain
+    assert worst["bf16_basis"] * 10 <= plain_ref and change["bf16_basis"]["toy_safety_sft"] < -0.1
+    event = next(r for r in ogpsa_log(tmp_path / "bf16_basis") if r.get("event") == "rebuild")
+    assert event["basis_bytes"] * 2 == next(r for r in ogpsa_log(tmp_path / "ogpsa") if r.get("event") == "rebuild")["basis_bytes"]
 
 
 def test_update_target_keeps_first_order_preservation_under_adamw(tiny, tmp_path):

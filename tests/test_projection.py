@@ -298,3 +298,70 @@ def test_update_projection_conflict_mode_only_touches_raising_blocks():
     project_change_(theta, basis, before, "conflict")
     assert not torch.allclose(theta[0], moved[0])  # raising block projected
     assert torch.equal(theta[1], moved[1])  # lowering block untouched
+
+
+def test_bf16_coordinates_accumulate_in_float32():
+    """U theta with bf16 rows and weights: the products are summed in float32, so the result is
+    within float32 rounding of the float64 value of the same bf16 numbers (not bf16's 3 digits)."""
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(4096, generator=gen).bfloat16() for _ in range(3)]
+    refs = [[torch.randn(4096, generator=gen)] * 3 for _ in range(3)]
+    basis = build_basis([[t.bfloat16() for t in r] for r in refs])
+    got = span_coordinates(weights, basis)
+    exact = torch.cat([d.double() @ w.double() for d, w in zip(basis.directions, weights)])
+    assert got.dtype == torch.float32
+    assert float((got.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    # the storage dtype alone (bf16 products summed in bf16) is off by about 1e-3 here
+    stored = torch.cat([(d @ w).double() for d, w in zip(basis.directions, weights)])
+    assert float((stored - exact).abs().max()) > 100 * float((got.double() - exact).abs().max())
+
+
+def test_sharded_pieces_with_reduce_equal_whole_tensors():
+    """Each of 2 'ranks' holds half of every tensor; `reduce` sums their partial inner products (here
+    by running both halves and adding), and the pieces equal the whole-tensor projection."""
+    gen = torch.Generator().manual_seed(3)
+    refs = [rand_grads(gen) for _ in range(3)]
+    g = rand_grads(gen)
+    whole = build_basis(refs)
+    expected = [t.clone() for t in g]
+    project_(expected, whole)
+    cut = [max(1, t.numel() // 2) for t in g]
+    halves = [[t.reshape(-1)[:c] for t, c in zip(ts, cut)] for ts in (g, *refs)], \
+        [[t.reshape(-1)[c:] for t, c in zip(ts, cut)] for ts in (g, *refs)]
+
+    # run the two ranks in lock-step threads so that `reduce` can add their partial sums
+    import threading
+
+    barrier, box, out = threading.Barrier(2), [None, None], [None, None]
+
+    def reduce_for(rank):
+        def reduce(t):
+            box[rank] = t.clone()
+            barrier.wait()
+            total = box[0] + box[1]
+            barrier.wait()
+            t.copy_(total)
+            return t
+        return reduce
+
+    def rank_main(rank):
+        mine = halves[rank]
+        builder = BasisBuilder([t.clone() for t in mine[0]], 3, reduce=reduce_for(rank))
+        for j, ref in enumerate(mine[1:]):
+            builder.add(ref, f"r{j}")
+        grads = [t.clone() for t in mine[0]]
+        stats = project_(grads, builder.finish(), reduce=reduce_for(rank))
+        out[rank] = (grads, stats)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (e, c) in enumerate(zip(expected, cut)):
+        joined = torch.cat([out[0][0][i], out[1][0][i]])
+        assert torch.allclose(joined, e.reshape(-1), atol=1e-6)
+    whole_stats = project_([t.clone() for t in g], whole, "observe")
+    assert out[0][1].grad_norm == pytest.approx(whole_stats.grad_norm, rel=1e-6)
+    assert out[0][1].cosines == pytest.approx(out[1][1].cosines, abs=1e-7)
+    assert out[0][1].cosines == pytest.approx(whole_stats.cosines, abs=1e-6)
