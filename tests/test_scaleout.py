@@ -173,6 +173,24 @@ def test_support_matrix_cell_matches_ddp(tiny, root, engines, engine, tuning, wo
     assert event["basis_bytes_total"] == ddp_event["basis_bytes"] and event["param_numel"] == ddp_event["param_numel"]
 
 
+@pytest.mark.parametrize("engine,workflow,mode,target", [("zero2", "sft", "conflict", "gradient"),
+                                                         ("zero3", "dpo", "conflict", "update")])
+def test_modes_and_targets_match_ddp(tiny, root, engines, engine, workflow, mode, target):
+    """`conflict` gating (needs the reduced <g, r_j>) and the `gradient` target inside the engine."""
+    extra = ogpsa(workflow, ogpsa_mode=mode, ogpsa_target=target)
+    label = f"{mode}_{target}"
+    ddp = load_state(train(tiny, root, engines, "ddp", workflow, label, **extra))
+    got = load_state(train(tiny, root, engines, engine, workflow, label, **extra))
+    update = max_diff(ddp, load_state(tiny["model"]))
+    gap = max_diff(ddp, got)
+    steps = [r for r in ogpsa_log(root / f"{workflow}_{engine}_{label}") if "projected_blocks" in r]
+    print(f"{engine} {workflow} {mode}/{target}: ddp-vs-engine {gap:.2e}, update {update:.2e}, "
+          f"projected blocks {[r['projected_blocks'] for r in steps]}")
+    assert update > 1e-3 and gap <= 1e-4 * update
+    assert all(0 < r["projected_blocks"] for r in steps)  # conflict mode gated some blocks in
+    assert ("update_in_span_norm" in steps[0]) == (target == "update")
+
+
 def test_accelerate_env_deepspeed_is_detected(tiny, root, engines):
     """DeepSpeed enabled by the environment (as `accelerate launch` with a config file does), no
     `deepspeed:` key: the engine actually running is found and projected, as the YAML form."""
