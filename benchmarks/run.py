@@ -164,8 +164,15 @@ def device_name(device: str) -> str:
 # assets: tokenizer (toy), datasets (lengthened toy data), models (random Qwen2 per size)
 
 
-def build_data(root: Path, seq_len: int, ref_samples: int, n_train: int = 64) -> str:
-    """Bench datasets in root/data: SFT, DPO (ranking), three reference sets, answers ~seq_len tokens."""
+# Reference answer lengths as fractions of cutoff_len, from real sets at cutoff 512 (tokens: GSM8K
+# 134-414, Alpaca 38-512, BIG-bench HHH 46-512): rebuild cost depends on how unevenly they pad.
+REF_SPREAD = {"bench_math_ref": (134 / 512, 414 / 512), "bench_general_ref": (38 / 512, 1.0),
+              "bench_hhh_ref": (46 / 512, 1.0)}
+
+
+def build_data(root: Path, seq_len: int, ref_samples: int, n_train: int = 64, ref_lengths: str = "spread") -> str:
+    """Bench datasets in root/data: SFT, DPO (ranking), three reference sets. Training answers run to
+    ~seq_len tokens; reference answers too (`equal`) or over REF_SPREAD (`spread`, uniform)."""
     import random
 
     from ogpsa.data_prep import tiny
@@ -175,9 +182,9 @@ def build_data(root: Path, seq_len: int, ref_samples: int, n_train: int = 64) ->
     filler = [r["output"] for k in ("toy_general_ref", "toy_hhh_ref", "toy_math_ref", "toy_benign_eval") for r in rows[k]]
     target = seq_len * 4  # characters; the toy BPE averages < 4 characters a token, cutoff_len trims
 
-    def long(text: str) -> str:
+    def long(text: str, fraction: float = 1.0) -> str:
         parts = [text]
-        while sum(len(p) + 1 for p in parts) < target:
+        while sum(len(p) + 1 for p in parts) < target * fraction:
             parts.append(rng.choice(filler))
         return " ".join(parts)
 
@@ -191,7 +198,8 @@ def build_data(root: Path, seq_len: int, ref_samples: int, n_train: int = 64) ->
                        "rejected": long(r["rejected"])} for r in cycle(rows["toy_safety_dpo"], n_train)],
     }
     for name, src in zip(REFS, ("toy_math_ref", "toy_general_ref", "toy_hhh_ref")):
-        data[name] = [{"instruction": r["instruction"], "input": "", "output": long(r["output"])}
+        lo, hi = REF_SPREAD[name] if ref_lengths == "spread" else (1.0, 1.0)
+        data[name] = [{"instruction": r["instruction"], "input": "", "output": long(r["output"], rng.uniform(lo, hi))}
                       for r in cycle(rows[src], ref_samples)]
     data_dir = root / "data"
     for name, r in data.items():
@@ -256,6 +264,8 @@ class Recorder:
         self.callback = None  # the OGPSACallback, captured by the rebuild wrapper
         self.profile: dict | None = None
         self.extra: dict = {}
+        self.in_rebuild = False
+        self.train_tokens = [0, 0]  # real (attention mask) and padded positions of the training batches
 
 
 def install_wrappers() -> None:
@@ -274,7 +284,11 @@ def install_wrappers() -> None:
         rec.callback = self
         _sync(rec.device)
         t0 = time.perf_counter()
-        original_rebuild(self, args, state, model)
+        rec.in_rebuild = True
+        try:
+            original_rebuild(self, args, state, model)
+        finally:
+            rec.in_rebuild = False
         _sync(rec.device)
         dt = time.perf_counter() - t0
         phase = rec.extra.get("phase", "train")
@@ -314,10 +328,31 @@ def install_wrappers() -> None:
         return timed_project(grads, basis, mode, reduce)
 
     cbmod.OGPSACallback.rebuild = rebuild
+    _count_training_tokens()
     cbmod.project_ = project_
     cbmod.span_coordinates = timed(cbmod.span_coordinates)
     cbmod.project_change_ = timed(cbmod.project_change_)
     cbmod.__bench_wrapped__ = True
+
+
+def _count_training_tokens() -> None:
+    """Count the real and padded positions of every training micro-batch (the base of LLaMA-Factory's
+    SFT collator and of its pairwise DPO collator, which passes it the concatenated pairs)."""
+    from llamafactory.data.collator import MultiModalDataCollatorForSeq2Seq
+
+    original = MultiModalDataCollatorForSeq2Seq.__call__
+
+    def call(self, features):
+        batch = original(self, features)
+        rec = Recorder.current
+        if rec is not None and not rec.in_rebuild and rec.extra.get("phase", "train") == "train":
+            mask = batch.get("attention_mask")
+            ids = batch["input_ids"]
+            rec.train_tokens[0] += int(mask.bool().sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+            rec.train_tokens[1] += ids.numel()
+        return batch
+
+    MultiModalDataCollatorForSeq2Seq.__call__ = call
 
 
 def profile_projection(project, grads, basis, mode, device) -> dict:
@@ -426,6 +461,9 @@ def make_timer(rec: Recorder):
             rec.extra["basis_dtype"] = str(cb.basis.directions[0].dtype)
             rec.extra["ref_batches"] = sum(-(-len(r.features) // self._bs(cb, args)) for r in cb.refs)
             rec.extra["ref_tokens"] = sum(len(f["input_ids"]) for r in cb.refs for f in r.features)
+            last = cb._last_rebuild
+            rec.extra["ref_input_tokens"] = sum(v for k, v in last.items() if k.startswith("input_tokens/"))
+            rec.extra["ref_padded_tokens"] = sum(v for k, v in last.items() if k.startswith("padded_tokens/"))
             raw, reb = [], []
             rec.extra["phase"] = "end"
             for _ in range(rec.extra.get("rebuild_repeats", 2)):
@@ -552,6 +590,9 @@ def one_run(opts, model_dir, data_dir, stage, ogpsa, out_dir) -> dict:
         "peak_bytes": rec.extra.get("peak_bytes"),
         "start_bytes": base,
         "memory_method": mem_method,
+        # micro-batches are drawn for every step, warm-up and profiling step included
+        "train_real_tokens_per_step": rec.train_tokens[0] / max(len(rec.steps), 1),
+        "train_padded_tokens_per_step": rec.train_tokens[1] / max(len(rec.steps), 1),
     }
     if ogpsa:
         result.update({
@@ -566,7 +607,8 @@ def one_run(opts, model_dir, data_dir, stage, ogpsa, out_dir) -> dict:
             "profile": rec.profile,
         })
         for key in ("basis_bytes", "basis_rank", "basis_tensors", "basis_full_rank_tensors", "trainable_numel",
-                    "trainable_tensors", "basis_dtype", "ref_batches", "ref_tokens"):
+                    "trainable_tensors", "basis_dtype", "ref_batches", "ref_tokens", "ref_input_tokens",
+                    "ref_padded_tokens"):
             result[key] = rec.extra.get(key)
     rec.callback = None
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -620,6 +662,7 @@ def summarise(raw: dict, sizes: list[str], opts) -> list[dict]:
                 "trainable_numel": ok[0]["ogpsa"]["trainable_numel"],
                 "no_copy": all((r["ogpsa"]["profile"] or {}).get("ok", False) for r in ok),
             })
+            row.update(_per_token(ok, reb))
             row["pass_projection"] = row["projection_pct"] is not None and row["projection_pct"] <= TARGET_PROJ_PCT
             row["pass_rebuild"] = row["rebuild_ratio"] is not None and row["rebuild_ratio"] <= TARGET_REBUILD_RATIO
             rows.append(row)
@@ -636,6 +679,25 @@ def summarise(raw: dict, sizes: list[str], opts) -> list[dict]:
     return rows
 
 
+def _per_token(ok: list[dict], rebuild_s: list) -> dict:
+    """What users pay per real token: a rebuild against a plain training step, and each one's padding."""
+    first = ok[0]["ogpsa"]
+    ref_real, ref_padded = first.get("ref_input_tokens"), first.get("ref_padded_tokens")
+    train_real = median([x for r in ok if (x := r["plain"].get("train_real_tokens_per_step"))])
+    train_padded = median([x for r in ok if (x := r["plain"].get("train_padded_tokens_per_step"))])
+    plain_s = median([r["plain"]["step_ms_median"] / 1e3 for r in ok])
+    out = {"ref_pad_ratio": ref_padded / ref_real if ref_real else None,
+           "train_pad_ratio": train_padded / train_real if train_real else None,
+           "plain_ms_per_ktok": 1e6 * plain_s / train_real if train_real else None}
+    reb = median([b for b in rebuild_s if b])
+    out["rebuild_ms_per_ktok"] = 1e6 * reb / ref_real if ref_real and reb else None
+    if out["plain_ms_per_ktok"] and out["rebuild_ms_per_ktok"]:
+        out["per_token_ratio"] = out["rebuild_ms_per_ktok"] / out["plain_ms_per_ktok"]
+    else:
+        out["per_token_ratio"] = None
+    return out
+
+
 def _f(x, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x)
 
@@ -646,7 +708,8 @@ def _verdict(v):
 
 HEADER = ("| size | params | stage | plain ms/step | ogpsa ms/step (no rebuild) | overhead % | projection-only % "
           "| rebuild s | raw fwd+bwd s | rebuild/raw | amortised overhead % @K | peak mem plain/ogpsa MB | basis MB "
-          "| proj <=3% | rebuild <=1.2x | no H/D copy | flat |")
+          "| proj <=3% | rebuild <=1.2x | no H/D copy | flat "
+          "| rebuild ms/1k real tok | plain step ms/1k real tok | per-token rebuild/plain | padded/real ref, train |")
 
 
 def table(rows: list[dict]) -> str:
@@ -654,7 +717,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r.get("plain_ms") is None:
             lines.append(f"| {r['size']} | {_f(r['params'] and r['params'] / 1e6, '{:.1f}M')} | {r['stage']} | "
-                         + " | ".join(["error"] + ["-"] * 15) + " |")
+                         + " | ".join(["error"] + ["-"] * 19) + " |")
             continue
         lines.append(
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['stage']} | {_f(r['plain_ms'])} | {_f(r['ogpsa_ms'])} "
@@ -663,7 +726,10 @@ def table(rows: list[dict]) -> str:
             f"| {_f(r['amortised_overhead_pct'], '{:+.1f}')} (K={r['K']}) "
             f"| {_f(r['peak_plain_mb'], '{:.0f}')} / {_f(r['peak_ogpsa_mb'], '{:.0f}')} | {_f(r['basis_mb'])} "
             f"| {_verdict(r['pass_projection'])} | {_verdict(r['pass_rebuild'])} | {_verdict(r['no_copy'])} "
-            f"| {_verdict(r.get('pass_flat'))} |"
+            f"| {_verdict(r.get('pass_flat'))} "
+            f"| {_f(r.get('rebuild_ms_per_ktok'), '{:.0f}')} | {_f(r.get('plain_ms_per_ktok'), '{:.0f}')} "
+            f"| {_f(r.get('per_token_ratio'), '{:.2f}')} "
+            f"| {_f(r.get('ref_pad_ratio'), '{:.2f}')}, {_f(r.get('train_pad_ratio'), '{:.2f}')} |"
         )
     return "\n".join(lines)
 
@@ -688,6 +754,8 @@ def markdown(raw: dict, rows: list[dict]) -> str:
             notes.append(f"- amortised: {r['amortised_note']}.")
             break
     notes.append(f"- no H/D copy: {raw.get('copy_check_method', '-')}.")
+    notes.append(f"- reference answer lengths: {s.get('ref_lengths', 'equal')} (spread: as real GSM8K/Alpaca/HHH, "
+                 "scaled to cutoff_len); per-token columns divide by real (non-padding) tokens.")
     for pair in ("sft", "dpo"):
         mine = [r for r in rows if r["stage"] == pair and r.get("projection_pct") is not None]
         if mine:
@@ -720,6 +788,8 @@ def parse(argv=None):
                    help="ogpsa_target of the OGPSA stages (update: the default, 4 passes over the basis per "
                         "step; gradient: the paper's, 2)")
     p.add_argument("--seq-len", type=int, default=None, help="cutoff_len and the data's length (CPU 64, CUDA 1024)")
+    p.add_argument("--ref-lengths", default="spread", choices=["spread", "equal"],
+                   help="reference answer lengths: spread as real GSM8K/Alpaca/HHH (default) or all ~seq-len")
     p.add_argument("--ref-samples", type=int, default=None, help="samples per reference set (CPU 8, CUDA 100 as the paper)")
     p.add_argument("--rebuild-repeats", type=int, default=None, help="rebuild/raw pairs timed at the end of each OGPSA run (CPU 1, CUDA 3)")
     p.add_argument("--stages", default="sft,dpo", help="stage pairs to run: sft, dpo or both")
@@ -792,11 +862,11 @@ def main(argv=None) -> int:
     from ogpsa.data_prep import tiny
 
     tiny_paths = tiny.build(assets / "tiny")
-    data_dir = build_data(assets, opts.seq_len, opts.ref_samples)
+    data_dir = build_data(assets, opts.seq_len, opts.ref_samples, ref_lengths=opts.ref_lengths)
     dtype_name = "bfloat16" if opts.device == "cuda" else "float32"
     raw = {
         "settings": {k: getattr(opts, k) for k in ("sizes", "repeats", "steps", "warmup", "device", "batch", "grad_accum", "target", "seq_len",
-                                                   "ref_samples", "rebuild_repeats", "stages", "quick")},
+                                                   "ref_samples", "ref_lengths", "rebuild_repeats", "stages", "quick")},
         "environment": {
             "device": device_name(opts.device),
             "torch": torch.__version__,

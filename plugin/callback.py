@@ -27,7 +27,6 @@ products summed over ranks), and no reference gradient is ever in .grad when the
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -35,8 +34,10 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import torch
+from llamafactory.extras.logging import get_logger
 from transformers import TrainerCallback
 
+from . import checkpoint
 from .engines import check_arguments, detect
 from .projection import (
     MODES,
@@ -50,6 +51,7 @@ from .projection import (
     span_coordinates,
 )
 from .reference import (
+    PAD_MULTIPLE,
     ReferenceDataError,
     ReferenceSet,
     check_registered,
@@ -61,7 +63,9 @@ from .reference import (
 from .settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
 from .sharding import Replicated, ShardLayout
 
-logger = logging.getLogger(__name__)
+# A child of LLaMA-Factory's logger: its format, its verbosity setting (LLAMAFACTORY_VERBOSITY) and its
+# running_log.txt (what LlamaBoard shows) apply to OGPSA's messages too.
+logger = get_logger("llamafactory.ogpsa")
 
 LOG_FILE = "ogpsa_log.jsonl"
 METRIC_PREFIX = "ogpsa/"
@@ -99,6 +103,10 @@ class OGPSACallback(TrainerCallback):
         self._step_record: dict[str, Any] = {}
         self._output_existed = True
         self._log_path: Optional[str] = None
+        # blocks whose reference gradient was zero at a rebuild (LoRA's A while B = 0): one follow-up
+        # rebuild at the next step; blocks still zero then (unused by the reference data) are left alone
+        self._followup_due = False
+        self._still_zero: set[int] = set()
 
     # ---- set-up -------------------------------------------------------------------------------
     def bind(self, model_args, data_args, training_args, finetuning_args, *_ignored) -> None:
@@ -140,7 +148,7 @@ class OGPSACallback(TrainerCallback):
         self.collator = SFTDataCollatorWith4DAttentionMask(
             template=template,
             model=model,
-            pad_to_multiple_of=8,
+            pad_to_multiple_of=PAD_MULTIPLE,
             label_pad_token_id=-100,
             attn_implementation=getattr(model.config, "_attn_implementation", None),
             compute_dtype=self.model_args.compute_dtype,
@@ -159,14 +167,17 @@ class OGPSACallback(TrainerCallback):
                 f"ogpsa_target=update: trainable weights in {', '.join(low)} cannot resolve a step's in-span part "
                 "exactly (fp32 master weights can; LLaMA-Factory keeps them unless pure_bf16 is set)"
             )
-        self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
+        restored = state.global_step > 0 and self._restore(args, state)
+        if not restored:
+            self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
         if self.layout.steps_inside_engine:
             self._undo_hook = self.layout.hook_step(self._project_group, self._project_group_step)
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             self._log_path = os.path.join(args.output_dir, LOG_FILE)
             _keep_log_before(self._log_path, state.global_step)
-            self._write(self._last_rebuild)
+            if not restored:  # a restored basis's rebuild record is already in the kept log
+                self._write(self._last_rebuild)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._undo_hook is not None:
@@ -176,10 +187,68 @@ class OGPSACallback(TrainerCallback):
     # ---- the step ---------------------------------------------------------------------------
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         k = self.settings.refresh_steps
-        due = k > 0 and state.global_step % k == 0 and state.global_step != self.built_at_step
-        if due:
-            self.rebuild(args, state, model)
+        fresh = state.global_step == self.built_at_step
+        due = k > 0 and state.global_step % k == 0 and not fresh
+        followup = self._followup_due and not fresh
+        if due or followup:
+            self.rebuild(args, state, model, followup=followup)
         self._step_args = (args, state)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Save this rank's basis, its step and the update-target coordinates with the checkpoint."""
+        if self.basis is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        payload = {
+            **self._state_identity(args),
+            "basis": self.basis.state_dict(),
+            "built_at_step": self.built_at_step,
+            "rebuilds": self.rebuilds,
+            "coords": dict(self._coords),
+            "followup_due": self._followup_due,
+            "still_zero": sorted(self._still_zero),
+        }
+        if args.process_index == self._state_owner(args):
+            checkpoint.save(folder, args.process_index, args.world_size, payload)
+
+    def _restore(self, args, state) -> bool:
+        """Take the basis from the checkpoint being resumed (True), or say why not and rebuild (False)."""
+        folder = args.resume_from_checkpoint
+        if not (isinstance(folder, str) and os.path.isdir(folder)):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        device = self.params[0].device
+        saved, why = checkpoint.load(folder, self._state_owner(args), args.world_size, device,
+                                     self._state_identity(args))
+        if not checkpoint.all_ranks_agree(saved is not None, device):
+            if state.is_world_process_zero:
+                logger.warning(f"ogpsa: resuming at step {state.global_step} with a fresh subspace: "
+                               f"{why or 'another rank cannot restore its piece'}")
+            return False
+        self.basis = SubspaceBasis.from_state_dict(saved["basis"])
+        self.built_at_step, self.rebuilds = saved["built_at_step"], saved["rebuilds"]
+        self._coords = dict(saved["coords"])
+        self._followup_due, self._still_zero = saved["followup_due"], set(saved["still_zero"])
+        if state.is_world_process_zero:
+            logger.info(f"ogpsa: resumed the subspace built at step {self.built_at_step} from {folder}")
+        return True
+
+    def _state_owner(self, args) -> int:
+        """Whose file this rank saves and loads: its own piece when sharded, else rank 0's copy
+        (replicated ranks hold the same basis; one copy on disk, not one per rank)."""
+        return args.process_index if self.layout.sharded else 0
+
+    def _state_identity(self, args) -> dict[str, Any]:
+        """What a saved basis must share with this run to be valid here."""
+        s = self.settings
+        return {
+            "world_size": args.world_size,
+            "engine": self.layout.engine,
+            "local_numels": [t.numel() for t in self.layout.like()],
+            "reference": list(s.reference_names),
+            "reference_samples": s.ogpsa_reference_samples,
+            "granularity": s.ogpsa_granularity,
+            "basis_dtype": s.ogpsa_basis_dtype,
+        }
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self.layout.steps_inside_engine:
@@ -241,8 +310,11 @@ class OGPSACallback(TrainerCallback):
         self._step_record = record
 
     # ---- rebuild ----------------------------------------------------------------------------
-    def rebuild(self, args, state, model) -> None:
-        """Recompute reference gradients at the current weights and orthonormalise them."""
+    def rebuild(self, args, state, model, followup: bool = False) -> None:
+        """Recompute reference gradients at the current weights and orthonormalise them.
+
+        followup: this rebuild re-measures blocks that had a zero reference gradient at the last
+        one (a LoRA A while B is still 0 gets a gradient once B has taken one step)."""
         start = time.perf_counter()
         self.basis = None  # free the old basis first: a rebuild then peaks at one basis + one gradient
         self._coords = {}  # coordinates in the old basis mean nothing in the new one
@@ -257,19 +329,26 @@ class OGPSACallback(TrainerCallback):
             logger.warning(f"ogpsa: data-parallel ranks hold different bases (spread {spread:.3e})")
         self.built_at_step = state.global_step
         self.rebuilds += 1
+        zero = {b for b, c in enumerate(self.basis.coords) if c.shape[1] == 0}
+        self._followup_due, self._still_zero = followup_after(zero, self._still_zero, followup)
+        if self._followup_due and state.is_world_process_zero:
+            logger.info(f"ogpsa: {len(zero)} of {len(self.basis.coords)} blocks had a zero reference gradient at "
+                        f"step {state.global_step} (LoRA's A while B = 0); rebuilding at the next step")
         seconds = time.perf_counter() - start
         self._pending["rebuild_seconds"].append(seconds)
         event = {"event": "rebuild", "step": state.global_step, "seconds": round(seconds, 4)}
+        event.update({"zero_rank_blocks": len(zero), "followup": followup})
         event.update({"rank": self.basis.rank(), **self._basis_bytes()})
         event.update({"params": len(self.params), "param_numel": sum(map(self.layout.full_numel, range(len(self.params))))})
         event.update({"world_size": args.world_size, "engine": self.layout.engine, "rank_spread": spread})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
-        event.update({f"tokens/{n}": v for n, v in tokens.items()})
+        event.update(tokens)  # tokens/, input_tokens/, padded_tokens/<set>
         self._last_rebuild = event
         self._write(event)
 
     def _fill(self, builder: BasisBuilder, args, state, model) -> tuple[dict, dict]:
-        """Run the reference sets through the model and commit each gradient to `builder`."""
+        """Run the reference sets through the model and commit each gradient to `builder`; return the
+        sets' gradient norms and token counts."""
         from tqdm.auto import tqdm
 
         device = self.params[0].device
@@ -287,21 +366,21 @@ class OGPSACallback(TrainerCallback):
         if direct:
             grads = reference_gradients(model, self.params, self.refs, self.collator, batch_size, device,
                                         builder.next_row, bar)
-            stream = ((name, ntok, 1.0) for name, _, ntok in grads)
         else:
             grads = sharded_reference_gradients(model, self.params, self.refs, self.collator, batch_size, device,
                                                 builder.next_row, layout, bar)
-            stream = ((name, ntok, scale) for name, _, ntok, scale in grads)
         with bar:
-            for name, ntok, scale in stream:
+            for g in grads:
                 try:
-                    norms[name] = builder.commit(name, scale=scale / max(ntok, 1))
+                    norms[g.name] = builder.commit(g.name, scale=g.scale / max(g.answer_tokens, 1))
                 except NonFiniteGradient:
                     raise ReferenceDataError(
-                        f"ogpsa_reference: the gradient of reference set {name!r} is not finite at step "
+                        f"ogpsa_reference: the gradient of reference set {g.name!r} is not finite at step "
                         f"{state.global_step} (check the data and the learning rate)"
                     ) from None
-                tokens[name] = ntok
+                tokens[f"tokens/{g.name}"] = g.answer_tokens
+                tokens[f"input_tokens/{g.name}"] = g.input_tokens
+                tokens[f"padded_tokens/{g.name}"] = g.padded_tokens
         return norms, tokens
 
     def _basis_bytes(self) -> dict[str, int]:
@@ -333,6 +412,16 @@ class OGPSACallback(TrainerCallback):
             return
         with open(self._log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def followup_after(zero: set[int], still_zero: set[int], followup: bool) -> tuple[bool, set[int]]:
+    """(rebuild at the next step?, blocks known to stay at rank 0) after a rebuild that left the
+    blocks `zero` without a direction. A follow-up records what is still zero; a scheduled rebuild
+    asks for a follow-up only when a block is zero that was not zero after the last follow-up, so a
+    tensor the reference data never reaches costs one extra rebuild, not one per interval."""
+    if followup:
+        return False, set(zero)
+    return bool(zero - still_zero), still_zero
 
 
 def _keep_log_before(path: str, step: int) -> None:

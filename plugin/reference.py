@@ -6,9 +6,11 @@ loss is the NLL of the answers exactly as training would see them), is tokenised
 trainer is built, and is reused by every rebuild.
 
 Gradients: set j's gradient is that of the mean answer-token NLL over its samples, taken over
-the trainable parameters only (LoRA: the adapters). Under data parallelism each rank takes every
-world_size-th sample, sums token NLLs, and the sums and token counts are all-reduced, so every
-rank ends with the same average gradient as one process over all samples.
+the trainable parameters only (LoRA: the adapters). Samples are kept longest first and batched
+with neighbours in length, so a micro-batch pads little (`plan_batches`). Under data parallelism
+the batches are dealt to the ranks by tokens, each rank sums token NLLs, and the sums and token
+counts are all-reduced, so every rank ends with the same average gradient as one process over
+all samples.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -57,7 +59,9 @@ def check_registered(names: list[str], dataset_dir: str) -> None:
 @dataclass
 class ReferenceSet:
     name: str
-    features: list[dict[str, Any]]  # tokenised rows: input_ids, attention_mask, labels
+    features: list[dict[str, Any]]  # tokenised rows: input_ids, attention_mask, labels; longest first
+    _plan: Any = field(default=None, repr=False, compare=False)  # plan_batches, cached per (batch, world)
+    _plan_key: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -100,6 +104,10 @@ def tokenize_reference_sets(
         data = module.get("train_dataset")
         rows = [] if data is None else [{k: row[k] for k in ("input_ids", "attention_mask", "labels")} for row in data]
         rows = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"])]
+        # Longest first: micro-batches of neighbours in length waste little on padding (a set's
+        # gradient is a token-weighted sum, so the order does not change it), and the first batch
+        # is the largest, so a rebuild that does not fit in memory fails at once.
+        rows.sort(key=lambda r: len(r["input_ids"]), reverse=True)
         if not rows:
             raise ReferenceDataError(
                 f"ogpsa_reference: reference set {name!r} has no usable samples "
@@ -115,13 +123,62 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+# Padded positions a micro-batch may carry per real one. Reference samples vary a lot in length
+# (GSM8K, Alpaca and HHH answers run from tens to hundreds of tokens); a batch that mixes them pads
+# the short ones to the longest, and a rebuild's cost is its padded positions.
+PAD_SLACK = 1.15
+PAD_MULTIPLE = 8  # the reference collator pads to a multiple of 8 (tensor-core friendly shapes)
+
+
+def _padded_len(n: int) -> int:
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def plan_batches(lengths: list[int], batch_size: int, world: int) -> list[list[list[int]]]:
+    """Per rank, its micro-batches (sample indices) of a set whose samples are sorted longest first.
+
+    Batches: consecutive samples, at most `batch_size` (so no batch needs more memory than a full
+    batch of its longest sample), closed early when one more sample would make the batch pad more
+    than PAD_SLACK times its real tokens. Ranks: each batch, longest first, goes to the rank with the
+    fewest padded tokens so far, so the ranks' shares are balanced by tokens, not by count.
+    Deterministic: every rank computes the same plan from the same lengths.
+    """
+    batches: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        current = batches[-1] if batches else None
+        if current is not None and len(current) < batch_size:
+            real = sum(lengths[j] for j in current) + n
+            if (len(current) + 1) * _padded_len(lengths[current[0]]) <= PAD_SLACK * real:
+                current.append(i)
+                continue
+        batches.append([i])
+    plan: list[list[list[int]]] = [[] for _ in range(world)]
+    load = [0] * world
+    for batch in batches:
+        r = min(range(world), key=lambda q: (load[q], q))
+        plan[r].append(batch)
+        load[r] += len(batch) * _padded_len(lengths[batch[0]])
+    return plan
+
+
+def _plan(ref: ReferenceSet, batch_size: int, world: int) -> list[list[list[int]]]:
+    key = (batch_size, world)
+    if ref._plan_key != key:
+        ref._plan, ref._plan_key = plan_batches([len(f["input_ids"]) for f in ref.features], batch_size, world), key
+    return ref._plan
+
+
 def _batches_per_rank(ref: ReferenceSet, batch_size: int, rank: int, world: int) -> int:
-    return -(-len(ref.features[rank::world]) // batch_size)
+    return len(_plan(ref, batch_size, world)[rank])
+
+
+def _most_batches(ref: ReferenceSet, batch_size: int, world: int) -> int:
+    return max(len(batches) for batches in _plan(ref, batch_size, world))
 
 
 def shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bool = False
                    ) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(micro-batch, loss weight) of this rank's samples (every world-th one).
+    """(micro-batch, loss weight) of this rank's share of the set (`plan_batches`).
 
     even: every rank yields as many micro-batches as the fullest rank, topping up with a weight-0
     copy of a sample; engines that run collectives inside forward and backward (ZeRO-3 gathers
@@ -129,15 +186,47 @@ def shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bo
     has finished.
     """
     rank, world = _world()
-    mine = ref.features[rank::world]
-    for start in range(0, len(mine), batch_size):
-        batch = collator([dict(f) for f in mine[start : start + batch_size]])
+    for indices in _plan(ref, batch_size, world)[rank]:
+        batch = collator([dict(ref.features[i]) for i in indices])
         yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 1.0
     if even:
-        extra = _batches_per_rank(ref, batch_size, 0, world) - _batches_per_rank(ref, batch_size, rank, world)
+        extra = _most_batches(ref, batch_size, world) - _batches_per_rank(ref, batch_size, rank, world)
         for _ in range(extra):
-            batch = collator([dict(ref.features[0])])
+            batch = collator([dict(ref.features[-1])])  # the shortest sample: the cheapest top-up
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 0.0
+
+
+@dataclass
+class SetGradient:
+    """One reference set's gradient, as the gradient functions yield it.
+
+    rows: the filled basis-row buffers; they hold `scale` x the gradient of the summed answer-token
+    NLL (of this rank's pieces when sharded). Token counts are over all ranks: answer tokens (the
+    loss's), input tokens (non-padding positions) and padded tokens (positions processed, top-up
+    batches included): padded / input is the work padding adds.
+    """
+
+    name: str
+    rows: list[torch.Tensor]
+    answer_tokens: int
+    input_tokens: int
+    padded_tokens: int
+    scale: float = 1.0
+
+
+def _count(batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+    """(answer, input, padded) token counts of one micro-batch (float64; answer and input 0 for a top-up)."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    answer = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * int(weight)
+    # a 2-D 0/1 mask marks the real positions (reference sets are never packed, so it is 2-D)
+    real = mask.bool().sum() if mask is not None and mask.dim() == 2 else torch.tensor(ids.numel())
+    counts = [answer, real * int(weight), torch.tensor(ids.numel())]
+    return torch.stack([c.to(ids.device, torch.float64) for c in counts])
+
+
+def _set_gradient(name: str, rows: list[torch.Tensor], counts: torch.Tensor, scale: float = 1.0) -> SetGradient:
+    answer, real, padded = (int(x) for x in counts.tolist())
+    return SetGradient(name, rows, answer, real, padded, scale)
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
@@ -180,14 +269,14 @@ def reference_gradients(
     device: torch.device,
     rows: Callable[[], list[torch.Tensor]],
     progress=None,
-) -> Iterator[tuple[str, list[torch.Tensor], int]]:
+) -> Iterator[SetGradient]:
     """Fill, for each reference set in turn, the buffers `rows()` returns with its gradient; yield
-    (name, those buffers shaped as the parameters, token count).
+    a `SetGradient` with those buffers shaped as the parameters.
 
     `rows` is called once per set and returns one zeroed flat tensor per parameter
     (`BasisBuilder.next_row`). They are installed as `.grad`, so autograd accumulates straight into
     them: no copy, no allocation. The gradient is that of the summed answer-token NLL (divide by the
-    token count for the mean), all-reduced over data-parallel ranks. `.grad` is None between sets
+    answer-token count for the mean), all-reduced over data-parallel ranks. `.grad` is None between sets
     and after the last; `progress` (a tqdm-like object) is advanced per micro-batch.
     """
     with _isolated(model, params, device):
@@ -195,12 +284,12 @@ def reference_gradients(
             buffers = rows()
             for p, buf in zip(params, buffers):
                 p.grad = buf.view_as(p)
-            tokens = torch.zeros((), dtype=torch.float64, device=device)
-            for batch, _ in shard_batches(ref, batch_size, collator, device):
-                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            counts = torch.zeros(3, dtype=torch.float64, device=device)
+            for batch, weight in shard_batches(ref, batch_size, collator, device):
+                count = _count(batch, weight)
                 loss = model(**batch).loss  # mean NLL over this batch's answer tokens
-                (loss * n).backward()  # -> sum of token NLLs, so sets weight tokens equally
-                tokens += n
+                (loss * count[0].to(loss.dtype)).backward()  # -> sum of token NLLs, so sets weight tokens equally
+                counts += count
                 if progress is not None:
                     progress.update(1)
             for p, buf in zip(params, buffers):
@@ -209,8 +298,8 @@ def reference_gradients(
                 if p.grad is not None and p.grad.data_ptr() != buf.data_ptr():
                     buf.copy_(p.grad.reshape(-1))
                 p.grad = None
-            _all_reduce_sum([tokens, *buffers])
-            yield ref.name, [buf.view_as(p) for p, buf in zip(params, buffers)], int(tokens.item())
+            _all_reduce_sum([counts, *buffers])
+            yield _set_gradient(ref.name, [buf.view_as(p) for p, buf in zip(params, buffers)], counts)
 
 
 @contextlib.contextmanager
@@ -244,12 +333,12 @@ def sharded_reference_gradients(
     rows: Callable[[], list[torch.Tensor]],
     layout,
     progress=None,
-) -> Iterator[tuple[str, list[torch.Tensor], int, float]]:
+) -> Iterator[SetGradient]:
     """`reference_gradients` for a basis that holds only this rank's piece of each parameter
     (`layout`, a `ShardLayout`), or a basis of another dtype than the parameters.
 
-    Yields (name, the filled row buffers, token count, scale): the buffers hold `scale` times
-    the summed answer-token NLL gradient of this rank's pieces. Two ways, by engine:
+    Yields a `SetGradient` per set: its row buffers hold `scale` times the summed answer-token NLL
+    gradient of this rank's pieces. Two ways, by engine:
     - FSDP2: the backward pass goes through FSDP, which reduce-scatters each micro-batch's
       gradient into the local shard of `.grad` (averaged over ranks: scale = 1 / world).
     - otherwise (DDP, ZeRO-1/2/3): a plain backward with the engine's gradient hooks suspended,
@@ -263,31 +352,34 @@ def sharded_reference_gradients(
     with _isolated(model, params, device), hooks:
         for ref in refs:
             buffers = rows()
-            tokens = torch.zeros((), dtype=torch.float64, device=device)
+            counts = torch.zeros(3, dtype=torch.float64, device=device)
             for batch, weight in shard_batches(ref, batch_size, collator, device, even=layout.collective_forward):
-                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * int(weight)
-                (model(**batch).loss * n).backward()  # the sum of token NLLs (0 for a top-up batch)
-                tokens += n
+                count = _count(batch, weight)
+                loss = model(**batch).loss
+                (loss * count[0].to(loss.dtype)).backward()  # the sum of token NLLs (0 for a top-up batch)
+                counts += count
                 if progress is not None:
                     progress.update(1)
             grads = [p.grad for p in params]
             for p in params:
                 p.grad = None
             if through_engine:
-                _all_reduce_sum([tokens])
+                _all_reduce_sum([counts])
                 for buf, g in zip(buffers, grads):
                     if g is not None:
                         buf.copy_(g._local_tensor.reshape(-1))
             else:
-                _all_reduce_sum([tokens, *[g for g in grads if g is not None]])
+                _all_reduce_sum([counts, *[g for g in grads if g is not None]])
                 for i, (buf, g) in enumerate(zip(buffers, grads)):
                     piece = layout.piece(i)
                     if g is not None and piece.numel:
                         buf.copy_(g.reshape(-1)[piece.start : piece.stop])
             del grads
-            yield ref.name, buffers, int(tokens.item()), 1.0 / _world()[1] if through_engine else 1.0
+            yield _set_gradient(ref.name, buffers, counts, 1.0 / _world()[1] if through_engine else 1.0)
 
 
 def num_batches(refs: list[ReferenceSet], batch_size: int, even: bool = False) -> int:
+    """This rank's micro-batches over all sets (the fullest rank's with `even`)."""
     rank, world = _world()
-    return sum(_batches_per_rank(r, batch_size, 0 if even else rank, world) for r in refs)
+    return sum(_most_batches(r, batch_size, world) if even else _batches_per_rank(r, batch_size, rank, world)
+               for r in refs)

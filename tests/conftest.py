@@ -107,8 +107,9 @@ def load_state(out: Path) -> dict:
     return load_file(str(Path(out) / "model.safetensors"))
 
 
-def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str]) -> dict[str, float]:
-    """Mean answer-token NLL of each dataset, tokenised by LLaMA-Factory exactly as training does."""
+def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], adapter: str | None = None) -> dict[str, float]:
+    """Mean answer-token NLL of each dataset, tokenised by LLaMA-Factory exactly as training does
+    (of `model_dir` with the LoRA adapter in `adapter` merged, when given)."""
     import torch
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
@@ -124,6 +125,10 @@ def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str]) -> 
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     sets = tokenize_reference_sets(names, 10_000, template, tokenizer, None, model_args, data_args, training_args)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
                                                   tokenizer=tokenizer)
     out = {}

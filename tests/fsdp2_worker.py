@@ -41,12 +41,12 @@ def sample(seed: int, vocab: int) -> dict:
 def build(model, params, layout, refs, sharded: bool):
     builder = BasisBuilder(layout.like(), len(refs), reduce=layout.reduce)
     if sharded:
-        for name, _, ntok, scale in sharded_reference_gradients(model, params, refs, collate, 2, torch.device("cpu"),
+        for g in sharded_reference_gradients(model, params, refs, collate, 2, torch.device("cpu"),
                                                                 builder.next_row, layout):
-            builder.commit(name, scale / ntok)
+            builder.commit(g.name, g.scale / g.answer_tokens)
     else:
-        for name, _, ntok in reference_gradients(model, params, refs, collate, 2, torch.device("cpu"), builder.next_row):
-            builder.commit(name, 1.0 / ntok)
+        for g in reference_gradients(model, params, refs, collate, 2, torch.device("cpu"), builder.next_row):
+            builder.commit(g.name, 1.0 / g.answer_tokens)
     return builder.finish()
 
 

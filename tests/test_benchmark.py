@@ -65,6 +65,10 @@ def test_quick_benchmark_writes_sane_numbers(quick_run):
         assert r["amortised_ms"] >= r["ogpsa_ms"]
         assert r["no_copy"] is True
         assert isinstance(r["pass_projection"], bool) and isinstance(r["pass_rebuild"], bool)
+        # per real token: rebuild and plain step; padding of each (reference lengths spread as real sets)
+        for key in ("rebuild_ms_per_ktok", "plain_ms_per_ktok", "per_token_ratio"):
+            assert _finite_positive(r[key]), (r["stage"], key, r[key])
+        assert 1.0 <= r["ref_pad_ratio"] <= 1.3 and r["train_pad_ratio"] >= 1.0
 
     for pair in ("sft", "dpo"):
         (rep,) = raw["runs"]["10m"][pair]
@@ -78,6 +82,8 @@ def test_quick_benchmark_writes_sane_numbers(quick_run):
         assert prof["basis_on_grad_device"] and prof["large_copies"] == 0 and prof["ok"]
         assert any(r["phase"] == "train" and r["step"] == 0 for r in og["rebuilds"])  # the first build
         assert rep["plain"]["peak_bytes"] > 0 and og["peak_bytes"] > 0
+        assert og["ref_padded_tokens"] >= og["ref_input_tokens"] > 0
+        assert rep["plain"]["train_padded_tokens_per_step"] >= rep["plain"]["train_real_tokens_per_step"] > 0
 
     md = (quick_run / "bench.md").read_text()
     assert bench.HEADER in md

@@ -105,7 +105,8 @@ def test_lora_and_freeze_log_metrics(tiny, tmp_path, finetuning):
             assert abs(h[f"ogpsa/cos_after/{name}"]) < 1e-4
             assert -1.0 <= h[f"ogpsa/cos/{name}"] <= 1.0
     rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
-    assert [r["step"] for r in rebuilds] == [0, 2]
+    # LoRA: a follow-up rebuild at step 1 gives the A tensors (zero reference gradient while B = 0) directions
+    assert [r["step"] for r in rebuilds] == ([0, 1, 2] if finetuning == "lora" else [0, 2])
     for r in rebuilds:
         assert r["seconds"] > 0 and all(r[f"grad_norm/{n}"] > 0 for n in REFS)
     if finetuning == "lora":
@@ -113,8 +114,7 @@ def test_lora_and_freeze_log_metrics(tiny, tmp_path, finetuning):
 
         adapter = load_file(str(out / "adapter_model.safetensors"))
         trainable = sum(t.numel() for t in adapter.values())
-        # the subspace lives on the adapter weights only (LoRA A gets no gradient while B = 0,
-        # so those blocks have rank 0 at step 0: the basis is at most 3 directions x adapters)
+        # the subspace lives on the adapter weights only (at most 3 directions x adapters)
         assert rebuilds[0]["param_numel"] == trainable
         assert 0 < rebuilds[0]["basis_bytes"] <= 3 * trainable * 4
     else:

@@ -53,7 +53,8 @@ def test_gradients_accumulate_into_the_given_rows():
         handed.append([torch.zeros(p.numel()) for p in params])
         return handed[-1]
 
-    got = {name: (grads, n) for name, grads, n in reference_gradients(model, params, sets, collate, 2, torch.device("cpu"), rows)}
+    got = {g.name: (g.rows, g.answer_tokens)
+           for g in reference_gradients(model, params, sets, collate, 2, torch.device("cpu"), rows)}
     for ref, bufs in zip(sets, handed):
         grads, n = got[ref.name]
         want, n_want = _expected(model, ref)
@@ -70,7 +71,7 @@ def test_a_gradient_that_autograd_moved_elsewhere_still_lands_in_the_row():
     model, sets = TinyLM(), _sets(gen)
     model.emb.weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
     params = list(model.parameters())
-    got = {name: grads for name, grads, _ in reference_gradients(
+    got = {g.name: g.rows for g in reference_gradients(
         model, params, sets, collate, 2, torch.device("cpu"), lambda: [torch.zeros(p.numel()) for p in params])}
     assert all(p.grad is None for p in params)
     for ref in sets:
