@@ -260,6 +260,22 @@ def _isolated(model: torch.nn.Module, params: list[torch.nn.Parameter], device: 
             model.train(was_training)
 
 
+def _backward_set(model, ref: ReferenceSet, batch_size: int, collator, device, progress, even: bool = False
+                  ) -> torch.Tensor:
+    """Backward of the summed answer-token NLL of this rank's share of `ref`, micro-batch by micro-batch
+    (gradients accumulate wherever `.grad` points); returns this rank's (answer, input, padded) counts."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch, weight in shard_batches(ref, batch_size, collator, device, even=even):
+        count = _count(batch, weight)
+        loss = model(**batch).loss  # mean NLL over this batch's answer tokens
+        # x answer tokens -> the sum of token NLLs, so sets weight tokens equally (0 for a top-up batch)
+        (loss * count[0].to(loss.dtype)).backward()
+        counts += count
+        if progress is not None:
+            progress.update(1)
+    return counts
+
+
 def reference_gradients(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -284,14 +300,7 @@ def reference_gradients(
             buffers = rows()
             for p, buf in zip(params, buffers):
                 p.grad = buf.view_as(p)
-            counts = torch.zeros(3, dtype=torch.float64, device=device)
-            for batch, weight in shard_batches(ref, batch_size, collator, device):
-                count = _count(batch, weight)
-                loss = model(**batch).loss  # mean NLL over this batch's answer tokens
-                (loss * count[0].to(loss.dtype)).backward()  # -> sum of token NLLs, so sets weight tokens equally
-                counts += count
-                if progress is not None:
-                    progress.update(1)
+            counts = _backward_set(model, ref, batch_size, collator, device, progress)
             for p, buf in zip(params, buffers):
                 # autograd adds into an existing .grad in place; should it have put a new tensor there
                 # instead (a hook, another layout), that tensor holds the whole sum: bring it home
@@ -352,14 +361,7 @@ def sharded_reference_gradients(
     with _isolated(model, params, device), hooks:
         for ref in refs:
             buffers = rows()
-            counts = torch.zeros(3, dtype=torch.float64, device=device)
-            for batch, weight in shard_batches(ref, batch_size, collator, device, even=layout.collective_forward):
-                count = _count(batch, weight)
-                loss = model(**batch).loss
-                (loss * count[0].to(loss.dtype)).backward()  # the sum of token NLLs (0 for a top-up batch)
-                counts += count
-                if progress is not None:
-                    progress.update(1)
+            counts = _backward_set(model, ref, batch_size, collator, device, progress, even=layout.collective_forward)
             grads = [p.grad for p in params]
             for p in params:
                 p.grad = None
