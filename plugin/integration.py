@@ -22,6 +22,7 @@ import typing
 from typing import Any, Optional
 
 from .callback import OGPSACallback
+from .null_callback import NullSpaceCallback
 from .settings import PREFIX, OGPSAArguments, OGPSAConfigError, split_ogpsa_args
 
 _PENDING: list[OGPSACallback] = []
@@ -35,13 +36,18 @@ def _flag(token: str) -> tuple[str, str | None]:
 
 
 def _typed(key: str, text: str | None) -> Any:
-    """An `ogpsa_*` flag's text as its OGPSAArguments field type (ints; strings stay strings, and a
+    """An `ogpsa_*` flag's text as its OGPSAArguments field type (ints, floats; strings stay strings, and a
     wrong value is left for `split_ogpsa_args` to reject with its one-line message)."""
     if text is None:
         raise OGPSAConfigError(f"--{key}: expected a value")
     hint = typing.get_type_hints(OGPSAArguments).get(key)
     if hint in (int, Optional[int]) and re.fullmatch(r"[+-]?\d+", text.strip()):
         return int(text)
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            pass
     return text
 
 
@@ -91,7 +97,7 @@ def prepare(args: dict[str, Any] | list[str] | None, callbacks: list | None, whe
         return args, callbacks, None
     if settings is None:
         return args, callbacks, None
-    callback = OGPSACallback(settings)
+    callback = (NullSpaceCallback if settings.ogpsa_method == "null_space" else OGPSACallback)(settings)
     return stock, list(callbacks or []) + [callback], callback
 
 

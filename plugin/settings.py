@@ -5,14 +5,21 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 # Stage names this package registers, and the LLaMA-Factory workflow each one runs.
 OGPSA_STAGES = {"ogpsa_sft": "sft", "ogpsa_dpo": "dpo"}
 # ogpsa_basis_dtype -> torch dtype (None: each parameter's own); torch is imported lazily by users.
 BASIS_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
-# Paper defaults (arXiv 2602.07892): rebuild every 30 optimizer steps in SFT, every 5 in DPO.
+# Paper defaults (arXiv 2602.07892): rebuild every 30 optimizer steps in SFT, every 5 in DPO. The
+# null-space method builds once per stage, as NSPO's released code does (a rebuild moves what is kept).
 DEFAULT_REFRESH = {"ogpsa_sft": 30, "ogpsa_dpo": 5}
+METHODS = ("gradient_span", "null_space")
+# Keys that mean something to one method only; giving one to the other method is an error, not a no-op.
+METHOD_KEYS = {
+    "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype"),
+    "null_space": ("ogpsa_null_layers", "ogpsa_null_alpha"),
+}
 PREFIX = "ogpsa_"
 
 
@@ -24,6 +31,16 @@ class OGPSAConfigError(ValueError):
 class OGPSAArguments:
     """Settings of an `ogpsa_sft` / `ogpsa_dpo` stage (YAML keys are the field names)."""
 
+    ogpsa_method: Literal["gradient_span", "null_space"] = field(
+        default="gradient_span",
+        metadata={
+            "help": "'gradient_span' (OGPSA): remove from each step its component along the reference sets' "
+            "gradients, so each reference loss is unchanged to first order. 'null_space' (NSPO, arXiv "
+            "2512.11391): restrict each constrained linear layer's weight change to the null space of its "
+            "inputs on the reference sets, so those layers' outputs on the reference inputs are kept (up to "
+            "ogpsa_null_alpha), not only to first order."
+        },
+    )
     ogpsa_reference: str = field(
         default="",
         metadata={
@@ -34,11 +51,11 @@ class OGPSAArguments:
     ogpsa_reference_samples: int = field(
         default=100, metadata={"help": "Samples drawn from each reference set (the first N rows)."}
     )
-    ogpsa_refresh_steps: Optional[int] = field(
+    ogpsa_refresh_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Rebuild the subspace every K optimizer steps (default 30 for ogpsa_sft, 5 for ogpsa_dpo); "
-            "0 builds it once at the start of the stage."
+            "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 30 for ogpsa_sft, 5 "
+            "for ogpsa_dpo; null_space default: 0); 0 builds it once at the start of the stage."
         },
     )
     ogpsa_granularity: Literal["tensor", "global"] = field(
@@ -74,9 +91,25 @@ class OGPSAArguments:
             "memory (inner products still accumulate in float32); 'float32'."
         },
     )
-    ogpsa_reference_batch_size: Optional[int] = field(
+    ogpsa_reference_batch_size: int | None = field(
         default=None,
         metadata={"help": "Micro-batch size for reference gradients (default: per_device_train_batch_size)."},
+    )
+    ogpsa_null_layers: str = field(
+        default="mlp",
+        metadata={
+            "help": "null_space: which linear layers are constrained. 'mlp': the MLP linears (gate, up, down; "
+            "as NSPO); 'all_linear': every linear layer but the output head; or comma-separated layer names "
+            "(e.g. gate_proj,up_proj,down_proj,o_proj). Under LoRA the adapters' A matrices of those layers."
+        },
+    )
+    ogpsa_null_alpha: float = field(
+        default=5e-5,
+        metadata={
+            "help": "null_space: an input direction is in the null space when its eigenvalue of the inputs' "
+            "uncentred covariance is at most alpha x the largest (NSPO's released value 5e-5). 0 keeps no "
+            "direction (the constrained layers are frozen), 1 keeps all (no constraint)."
+        },
     )
 
     # ---- derived, filled by `resolve` ----
@@ -88,7 +121,9 @@ class OGPSAArguments:
 
     @property
     def refresh_steps(self) -> int:
-        return DEFAULT_REFRESH[self.stage] if self.ogpsa_refresh_steps is None else self.ogpsa_refresh_steps
+        if self.ogpsa_refresh_steps is not None:
+            return self.ogpsa_refresh_steps
+        return 0 if self.ogpsa_method == "null_space" else DEFAULT_REFRESH[self.stage]
 
 
 def user_fields() -> list[dataclasses.Field]:
@@ -113,6 +148,15 @@ def _check_type(key: str, value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise OGPSAConfigError(f"{where}{key}: expected an integer, got {value!r} ({type(value).__name__})")
         return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 5e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OGPSAConfigError(f"{where}{key}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
     if hint is str:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return ",".join(value)
@@ -122,7 +166,7 @@ def _check_type(key: str, value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported annotation {hint!r} for {key}")  # a bug in this module, not in input
 
 
-def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[Optional[OGPSAArguments], dict[str, Any]]:
+def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[OGPSAArguments | None, dict[str, Any]]:
     """Split a LLaMA-Factory argument dict into (OGPSA settings or None, the stock arguments).
 
     The stock arguments get the mapped stage (`ogpsa_sft` -> `sft`). Raises `OGPSAConfigError`
@@ -144,6 +188,10 @@ def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[Optional[OG
     if unknown:
         raise OGPSAConfigError(f"{where}{', '.join(unknown)}: unknown OGPSA key(s); known keys: {sorted(known)}")
     values = {k: _check_type(k, v, None, where) for k, v in ours.items()}
+    method = values.get("ogpsa_method", "gradient_span")
+    foreign = sorted(k for m, keys in METHOD_KEYS.items() if m != method for k in keys if k in values)
+    if foreign:
+        raise OGPSAConfigError(f"{where}{', '.join(foreign)}: not used by ogpsa_method={method}")
     settings = OGPSAArguments(**values, stage=stage)
     validate(settings, where)
     rest["stage"] = OGPSA_STAGES[stage]
@@ -162,6 +210,10 @@ def validate(settings: OGPSAArguments, where: str = "") -> None:
         raise OGPSAConfigError(f"{where}ogpsa_reference_samples: must be >= 1, got {settings.ogpsa_reference_samples}")
     if settings.ogpsa_refresh_steps is not None and settings.ogpsa_refresh_steps < 0:
         raise OGPSAConfigError(f"{where}ogpsa_refresh_steps: must be >= 0, got {settings.ogpsa_refresh_steps}")
+    if not 0.0 <= settings.ogpsa_null_alpha <= 1.0:
+        raise OGPSAConfigError(f"{where}ogpsa_null_alpha: must be in [0, 1], got {settings.ogpsa_null_alpha}")
+    if not settings.ogpsa_null_layers.strip():
+        raise OGPSAConfigError(f"{where}ogpsa_null_layers: 'mlp', 'all_linear' or comma-separated layer names")
     if settings.ogpsa_reference_batch_size is not None and settings.ogpsa_reference_batch_size < 1:
         raise OGPSAConfigError(
             f"{where}ogpsa_reference_batch_size: must be >= 1, got {settings.ogpsa_reference_batch_size}"

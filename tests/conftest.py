@@ -107,9 +107,10 @@ def load_state(out: Path) -> dict:
     return load_file(str(Path(out) / "model.safetensors"))
 
 
-def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], adapter: str | None = None) -> dict[str, float]:
-    """Mean answer-token NLL of each dataset, tokenised by LLaMA-Factory exactly as training does
-    (of `model_dir` with the LoRA adapter in `adapter` merged, when given)."""
+def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], adapter: str | None = None,
+                     samples: int = 10_000) -> dict[str, float]:
+    """Mean answer-token NLL of each dataset's first `samples` rows, tokenised by LLaMA-Factory exactly
+    as training does (of `model_dir` with the LoRA adapter in `adapter` merged, when given)."""
     import torch
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
@@ -123,7 +124,7 @@ def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], ada
     tok_module = load_tokenizer(model_args)
     tokenizer = tok_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    sets = tokenize_reference_sets(names, 10_000, template, tokenizer, None, model_args, data_args, training_args)
+    sets = tokenize_reference_sets(names, samples, template, tokenizer, None, model_args, data_args, training_args)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter is not None:
         from peft import PeftModel

@@ -1,0 +1,185 @@
+"""`NullSpaceCallback`: `ogpsa_method: null_space` (NSPO) inside the same trainer slots as OGPSA.
+
+It inherits the OGPSA callback's set-up, step order, logging and checkpointing (`callback.py`) and
+replaces what is method-specific:
+
+    rebuild              forward the reference sets through the model (no backward), collect each
+                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`);
+                         LoRA: A <- A P at once (B A x then ignores the reference inputs' range)
+    project              each constrained matrix's gradient G <- G P; a constrained layer's trainable
+                         bias gets no gradient (the optimizer skips it: a bias moves every output)
+    optimizer.step()
+    project the step     ogpsa_target=update: W <- W P + W_0 (I - P), so the step the optimizer took
+                         (Adam's rescaling, weight decay) lies in the null space too
+
+Parameters outside the constrained layers (embeddings, norms, unconstrained linears) train as in a
+plain run; only the constrained layers' outputs on the reference inputs are held.
+
+Supported engines: one process and DDP (the covariances are summed over ranks, so every rank keeps
+the same null spaces). ZeRO and FSDP2 are refused before launch (`engines.check_arguments`): their
+gradient pieces cut a weight's rows, and W P needs whole rows.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .activations import ConstrainedLayer, constrained_layers, input_covariances
+from .callback import OGPSACallback
+from .nullspace import LayerSpace, anchor, build_space, project_rows_, restore_
+from .reference import num_batches
+from .settings import OGPSAConfigError
+
+
+class NullSpaceCallback(OGPSACallback):
+    """Restricts each constrained linear layer's weight change to the null space of its reference inputs."""
+
+    STEP_REMOVED_KEY = "update_in_range_norm"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.layers: list[ConstrainedLayer] = []
+        self.spaces: list[LayerSpace] = []
+        self._anchors: dict[tuple[int, int], torch.Tensor] = {}  # (layer, matrix) -> W_0 (I - P), ogpsa_target=update
+        self._removed_sq = self._total_sq = 0.0
+        self._tokens: dict[str, dict[str, int]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.layers = constrained_layers(model, self.settings.ogpsa_null_layers)
+        if not self.layers:
+            raise OGPSAConfigError(
+                f"ogpsa_null_layers: {self.settings.ogpsa_null_layers!r} matches no trainable linear layer of this "
+                "model (try 'all_linear', or name layers as in model.named_modules(), e.g. gate_proj,down_proj)"
+            )
+        super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
+
+    # ---- rebuild ----------------------------------------------------------------------------
+    def rebuild(self, args, state, model, followup: bool = False) -> None:
+        start = time.perf_counter()
+        self.spaces, self._anchors = [], {}  # free the old spaces before the covariances are made
+        covariances = self._collect(args, state, model)
+        self.spaces = [build_space(c, self.settings.ogpsa_null_alpha) for c in covariances.matrices]
+        del covariances
+        moved = self._constrain_lora()
+        self.built_at_step = state.global_step
+        self.rebuilds += 1
+        seconds = time.perf_counter() - start
+        self._pending["rebuild_seconds"].append(seconds)
+        self._last_rebuild = self._rebuild_event(args, state, seconds, moved)
+        self._write(self._last_rebuild)
+
+    def _collect(self, args, state, model):
+        from tqdm.auto import tqdm
+
+        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
+        even = self.layout.collective_forward
+        bar = tqdm(total=num_batches(self.refs, batch_size, even=even), desc=f"ogpsa null space @ step "
+                   f"{state.global_step}", disable=not state.is_world_process_zero, leave=False)
+        with bar:
+            covariances = input_covariances(model, self.layers, self.refs, self.collator, batch_size,
+                                            self.params[0].device, bar, even=even)
+        self._tokens = covariances.tokens
+        return covariances
+
+    def _constrain_lora(self) -> float:
+        """LoRA: A <- A P, so B A x = 0 on the reference inputs' range whatever B becomes; returns the
+        norm removed (0 at a stage's start for PEFT's random A only if A was already in the null space)."""
+        removed_sq = 0.0
+        for layer in self.layers:
+            if not _is_lora(layer):
+                continue
+            for a in layer.matrices:
+                with torch.no_grad():
+                    removed_sq += project_rows_(a.data, self.spaces[layer.space]) ** 2
+        return removed_sq**0.5
+
+    def _rebuild_event(self, args, state, seconds: float, moved: float) -> dict[str, Any]:
+        event = {"event": "rebuild", "method": "null_space", "step": state.global_step, "seconds": round(seconds, 4)}
+        event.update({"layers": len(self.layers), "spaces": len(self.spaces), "lora_a_moved": moved})
+        event.update({"world_size": args.world_size, "engine": self.layout.engine})
+        event.update({"basis_bytes": sum(s.nbytes() for s in self.spaces)})
+        dims = [s.dim for s in self.spaces]
+        nulls = [s.null_dim for s in self.spaces]
+        event.update({"null_dims": sum(nulls), "input_dims": sum(dims),
+                      "null_fraction": sum(nulls) / max(sum(dims), 1)})
+        # per layer: the null dimension, the fraction of its input energy still reachable, the bytes
+        for layer in self.layers:
+            space = self.spaces[layer.space]
+            event[f"null_dim/{layer.name}"] = space.null_dim
+            event[f"null_energy/{layer.name}"] = space.null_energy
+        for name, t in self._tokens.items():
+            event[f"input_tokens/{name}"] = t["input"]
+            event[f"padded_tokens/{name}"] = t["padded"]
+        return event
+
+    # ---- the step ---------------------------------------------------------------------------
+    def _project_group(self, group: int) -> None:
+        """G <- G P for every constrained matrix; trainable biases of constrained layers get no step."""
+        removed_sq = total_sq = 0.0
+        with torch.no_grad():
+            for layer in self.layers:
+                space = self.spaces[layer.space]
+                for m in layer.matrices:
+                    if m.grad is None:
+                        continue
+                    total_sq += float(m.grad.float().norm()) ** 2
+                    removed_sq += project_rows_(m.grad, space) ** 2
+                for b in layer.frozen:
+                    b.grad = None  # torch optimizers skip a parameter without a gradient (no decay either)
+        self._removed_sq, self._total_sq = removed_sq, total_sq
+        if self.settings.ogpsa_target == "update" and not self._anchors:  # once per null space
+            self._anchors = {(i, j): anchor(m, self.spaces[layer.space])
+                             for i, layer in enumerate(self.layers) for j, m in enumerate(layer.matrices)}
+
+    def _project_group_step(self, group: int) -> None:
+        """ogpsa_target=update: take the part of the optimizer's step outside the null space back out."""
+        if self.settings.ogpsa_target != "update" or not self._anchors:
+            return
+        removed_sq = 0.0
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                for j, m in enumerate(layer.matrices):
+                    removed_sq += restore_(m, self.spaces[layer.space], self._anchors[(i, j)]) ** 2
+        self._in_span_sq += removed_sq
+
+    def _finish_gradient(self, state) -> None:
+        total = self._total_sq**0.5
+        record = {"step": state.global_step + 1, "grad_norm": total,
+                  "removed_fraction": (self._removed_sq**0.5) / total if total > 0 else 0.0}
+        for key, value in record.items():
+            if key != "step":
+                self._pending[key].append(float(value))
+        self._step_record = record
+
+    # ---- checkpoint -------------------------------------------------------------------------
+    def _has_basis(self) -> bool:
+        return bool(self.spaces)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"spaces": [s.state_dict() for s in self.spaces], "layer_spaces": [la.space for la in self.layers],
+                "anchors": {f"{i}.{j}": t for (i, j), t in self._anchors.items()}}
+
+    def _apply_payload(self, saved: dict[str, Any]) -> None:
+        self.spaces = [LayerSpace.from_state_dict(s) for s in saved["spaces"]]
+        for layer, space in zip(self.layers, saved["layer_spaces"]):
+            layer.space = int(space)
+        self._anchors = {tuple(int(x) for x in k.split(".")): t for k, t in saved["anchors"].items()}
+
+    def _state_identity(self, args) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "method": s.ogpsa_method,
+            "world_size": args.world_size,
+            "engine": self.layout.engine,
+            "layers": [la.name for la in self.layers],
+            "reference": list(s.reference_names),
+            "reference_samples": s.ogpsa_reference_samples,
+            "null_alpha": s.ogpsa_null_alpha,
+        }
+
+
+def _is_lora(layer: ConstrainedLayer) -> bool:
+    return hasattr(layer.module, "lora_A")

@@ -1,0 +1,155 @@
+"""Null-space projection math (NSPO, arXiv 2512.11391): pure tensor code, torch only.
+
+The second method beside `projection.py`'s gradient span. For a linear layer y = W x whose inputs
+on the reference data are the rows of X (n x d_in), the uncentred covariance C = X^T X has
+eigenpairs (lambda_i, v_i). The null space N is spanned by the v_i with lambda_i <= alpha *
+lambda_max; P = V_N V_N^T projects onto it. A weight change restricted to N (dW = dW P) leaves
+the layer's outputs on the reference inputs almost exactly in place, not only to first order:
+
+    || dW X^T ||_F = || (dW V_N) (V_N^T X^T) ||_F <= ||dW||_2 * sqrt(sum of the null eigenvalues)
+                                                  <= ||dW||_2 * sqrt(k_N * alpha * lambda_max)
+
+since || V_N^T X^T ||_F^2 = trace(V_N^T C V_N) is the sum of the eigenvalues in N. Applied to the
+layer's weight under full fine-tuning, and to a LoRA adapter's A (B A x then ignores the reference
+inputs' range once A = A P).
+
+State and transform are kept apart, as in `projection.py`: `build_space` turns a covariance into a
+`LayerSpace` (the state, with `state_dict`), and `project_rows_` / `anchor` / `restore_` apply it.
+Each `LayerSpace` stores whichever of the null basis V_N and the range basis V_R = V_N's
+complement is narrower: P = V_N V_N^T = I - V_R V_R^T, so either gives the same projection, at
+min(k_N, d_in - k_N) x d_in floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("null", "range")
+
+
+@dataclass
+class LayerSpace:
+    """One input space's null space (shared by the layers that read the same input, e.g. gate and up).
+
+    vectors: (d_in, k) float32 orthonormal columns, the null basis (kind "null") or the range basis
+        (kind "range"), whichever has fewer columns.
+    null_dim: k_N, the null space's dimension (0: the layer is frozen; d_in: unconstrained).
+    null_energy: sum of the null eigenvalues / sum of all: the part of the reference inputs'
+        energy a change in the null space may still reach (the bound above, squared, relative).
+    largest: lambda_max, the scale the threshold alpha is relative to.
+    """
+
+    kind: str
+    vectors: torch.Tensor
+    null_dim: int
+    null_energy: float
+    largest: float
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[0]
+
+    def nbytes(self) -> int:
+        return self.vectors.numel() * self.vectors.element_size()
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "vectors": self.vectors, "null_dim": self.null_dim,
+                "null_energy": self.null_energy, "largest": self.largest}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LayerSpace:
+        return cls(state["kind"], state["vectors"], int(state["null_dim"]), float(state["null_energy"]),
+                   float(state["largest"]))
+
+
+def build_space(cov: torch.Tensor, alpha: float) -> LayerSpace:
+    """The null space of one input covariance C = X^T X (d_in x d_in, symmetric positive semi-definite).
+
+    The eigendecomposition runs in float64: the threshold alpha * lambda_max (5e-5 by default) is
+    within two orders of magnitude of float32 eigensolver error (about d_in * 6e-8 * lambda_max at
+    d_in in the thousands), which would move directions across the threshold at random. The kept
+    basis is stored in float32: the projection's own round-off (~1e-7) is far below alpha.
+    """
+    c = cov.to(torch.float64)
+    c = (c + c.T) / 2  # float32 accumulation leaves C asymmetric in its last bits; eigh reads one triangle
+    eigenvalues, eigenvectors = torch.linalg.eigh(c)  # ascending
+    # C is PSD; negative eigenvalues are round-off around zero, i.e. directions no input reaches.
+    eigenvalues = eigenvalues.clamp_min(0.0)
+    largest = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
+    null = eigenvalues <= alpha * largest  # ascending: the null directions come first
+    k = int(null.sum())
+    total = float(eigenvalues.sum())
+    energy = float(eigenvalues[:k].sum()) / total if total > 0 else 0.0
+    d = c.shape[0]
+    if k <= d - k:
+        kind, vectors = "null", eigenvectors[:, :k]
+    else:
+        kind, vectors = "range", eigenvectors[:, k:]
+    return LayerSpace(kind, vectors.to(torch.float32).contiguous(), k, energy, largest)
+
+
+def _times_basis(mat: torch.Tensor, space: LayerSpace) -> torch.Tensor:
+    """(M V) (V^T), the part of M's rows in the stored basis' span, in M's dtype (float32 math for
+    low-precision M: a bf16 product would round the projection coefficients to 3 digits)."""
+    v = space.vectors.to(mat.device)
+    if mat.dtype in (torch.float32, torch.float64):
+        v = v.to(mat.dtype)
+        return (mat @ v) @ v.T
+    return ((mat.float() @ v) @ v.T).to(mat.dtype)
+
+
+def project_rows_(mat: torch.Tensor, space: LayerSpace) -> float:
+    """M <- M P in place (each row of M, a d_in vector, onto the null space); return ||M (I - P)||_F,
+    the norm removed. M: a weight, its gradient, or a LoRA A (rows x d_in)."""
+    if space.kind == "null" and space.null_dim == 0:  # P = 0: everything is removed
+        removed = float(mat.float().norm())
+        mat.zero_()
+        return removed
+    if space.kind == "range" and space.vectors.shape[1] == 0:  # P = I
+        return 0.0
+    part = _times_basis(mat, space)
+    if space.kind == "range":
+        mat.sub_(part)  # M (I - V_R V_R^T)
+        return float(part.float().norm())
+    removed = float((mat.float() - part.float()).norm())
+    mat.copy_(part)  # M V_N V_N^T
+    return removed
+
+
+def anchor(weight: torch.Tensor, space: LayerSpace) -> torch.Tensor:
+    """What a constrained weight must keep: its part outside the null space, W (I - P).
+
+    Stored compactly where it can be: for a range basis, as coordinates W V_R (rows x k_R, k_R <=
+    d_in / 2); for a null basis, as the full W - (W V_N) V_N^T (rows x d_in; the null basis is the
+    narrower one only when most input directions are protected, which is what the anchor is for).
+    """
+    w = weight.detach()
+    if space.kind == "range":
+        return (w.float() @ space.vectors.to(w.device)).contiguous()
+    return (w.float() - _times_basis(w, space).float()).contiguous()
+
+
+def restore_(weight: torch.Tensor, space: LayerSpace, kept: torch.Tensor) -> float:
+    """After an optimizer step: W <- W P + (what `anchor` kept), so the step the optimizer actually
+    took (Adam's per-coordinate rescaling and weight decay included) is restricted to the null space.
+    Returns ||dW (I - P)||_F, the norm of the step's part that was removed."""
+    w = weight.data
+    if space.kind == "range":
+        v = space.vectors.to(w.device)
+        drift = w.float() @ v - kept  # (W - W_0) V_R: the step's range coordinates
+        w.sub_((drift @ v.T).to(w.dtype))
+        return float(drift.norm())
+    null_part = _times_basis(w, space).float()
+    old = w.float()
+    new = kept + null_part
+    removed = float((old - new).norm())
+    w.copy_(new.to(w.dtype))
+    return removed
+
+
+def output_drift_bound(change_norm2: float, space: LayerSpace, total_energy: float) -> float:
+    """The bound || dW X^T ||_F <= ||dW||_2 sqrt(sum of null eigenvalues), from the spectral norm of the
+    change and sum(lambda) = ||X||_F^2 (`total_energy`); for tests and reports."""
+    return change_norm2 * (space.null_energy * total_energy) ** 0.5

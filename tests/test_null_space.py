@@ -1,0 +1,237 @@
+"""`ogpsa_method: null_space` (NSPO) end to end through stock `llamafactory-cli train`.
+
+The guarantee under test is exact, not first order: a constrained layer's weight change dW lies in
+the null space N of its reference inputs X, so its outputs on them move by
+    || dW X^T ||_F <= ||dW||_2 * sqrt(sum of the eigenvalues of X^T X that are <= alpha * lambda_max).
+The tests recompute X from the starting model themselves (hooks, LLaMA-Factory's tokenisation)
+and check that bound on the trained weights, independently of the plugin's own covariances.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    base_config,
+    load_state,
+    log_history,
+    ogpsa_keys,
+    ogpsa_log,
+    reference_losses,
+    run_cli,
+)
+
+REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
+SAMPLES = 4
+# The tiny model's inputs are 64- and 128-dimensional and the 12 reference rows hold ~900 tokens, so
+# at NSPO's alpha = 5e-5 every null space is empty; 0.05 leaves about half of each input space free.
+ALPHA = 0.05
+MLP = [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")]
+
+
+def null_keys(**overrides) -> dict:
+    keys = {"ogpsa_method": "null_space", "ogpsa_reference_samples": SAMPLES, "ogpsa_null_alpha": ALPHA,
+            "ogpsa_refresh_steps": 0}
+    return ogpsa_keys(**{**keys, **overrides})
+
+
+def reference_inputs(tiny: dict, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's inputs (non-padding positions, float64 rows) on the reference sets, from the start model."""
+    from llamafactory.data import (
+        SFTDataCollatorWith4DAttentionMask,
+        get_template_and_fix_tokenizer,
+    )
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+    from ogpsa.plugin.reference import tokenize_reference_sets
+    from transformers import AutoModelForCausalLM
+
+    args = base_config(tiny, Path(tiny["model"]) / "_probe_null")
+    model_args, data_args, training_args, _, _ = get_train_args(args)
+    tokenizer = load_tokenizer(model_args)["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    sets = tokenize_reference_sets(REFS, SAMPLES, template, tokenizer, None, model_args, data_args, training_args)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
+    collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
+                                                  tokenizer=tokenizer)
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    mask = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(
+        lambda m, inp, out, n=n: rows[n].append(inp[0][mask["m"]].double())) for n in layers]
+    with torch.no_grad():
+        for ref in sets:
+            for f in ref.features:  # one sample at a time: no padding at all
+                batch = collator([dict(f)])
+                mask["m"] = batch["attention_mask"].bool()
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def null_energy(x: torch.Tensor, alpha: float) -> float:
+    """Sum of the eigenvalues of X^T X at most alpha * the largest (what a null-space change may reach)."""
+    eig = torch.linalg.eigvalsh(x.T @ x).clamp_min(0)
+    return float(eig[eig <= alpha * eig[-1]].sum())
+
+
+def test_layer_outputs_on_reference_inputs_stay_within_the_alpha_bound(tiny, tmp_path):
+    """AdamW, default update target: every MLP linear's outputs on the reference inputs move at most by
+    the null-space bound, while plain SFT moves them freely and the safety loss still falls."""
+    x = reference_inputs(tiny, MLP)
+    start = load_state(Path(tiny["model"]))
+    runs = {"plain": {}, "null": null_keys()}
+    changes = {}
+    for kind, keys in runs.items():
+        out = tmp_path / kind
+        cfg = base_config(tiny, out, optim="adamw_torch", learning_rate=1e-3, max_steps=4, max_grad_norm=0.0, **keys)
+        run_cli(cfg, tmp_path / f"run_{kind}")
+        changes[kind] = load_state(out)
+    losses = [r["loss"] for r in log_history(tmp_path / "null") if "loss" in r]
+    assert losses[-1] < losses[0] - 0.1, losses  # the safety loss still falls
+    for name in MLP:
+        w0 = start[f"{name}.weight"].double()
+        dw = changes["null"][f"{name}.weight"].double() - w0
+        dw_plain = changes["plain"][f"{name}.weight"].double() - w0
+        moved = float((dw @ x[name].T).norm())
+        bound = float(torch.linalg.matrix_norm(dw, ord=2)) * null_energy(x[name], ALPHA) ** 0.5
+        scale = float((w0 @ x[name].T).norm())
+        assert float(dw.norm()) > 1e-4, f"{name} did not train"
+        assert moved <= bound * (1 + 1e-4) + 1e-6 * scale, (name, moved, bound)
+        # at this alpha half of each input space is free, and plain training still moves the outputs
+        # on the reference inputs more than twice as far
+        assert float((dw_plain @ x[name].T).norm()) > 2 * moved, name
+    event = ogpsa_log(tmp_path / "null")[0]
+    assert event["event"] == "rebuild" and event["method"] == "null_space" and event["spaces"] == 4
+    assert 0 < event["null_dims"] < event["input_dims"]
+    dims = [event[f"null_dim/{n}"] for n in MLP]
+    # gate and up read the same input: one shared space (and the same null dimension)
+    assert dims[0] == dims[1] and dims[3] == dims[4]
+    steps = [r for r in ogpsa_log(tmp_path / "null") if "update_in_range_norm" in r]
+    assert len(steps) == 4 and all(r["update_in_range_norm"] > 0 for r in steps)  # Adam left N; taken back
+
+
+def test_alpha_extremes_freeze_or_free_the_layers(tiny, tmp_path):
+    """alpha = 0: no null space, the constrained layers do not move at all (the others train);
+    alpha = 1: everything is null space, training is bitwise that of plain SFT."""
+    common = {"optim": "adamw_torch", "learning_rate": 1e-3, "max_steps": 3, "max_grad_norm": 1.0}
+    outs = {kind: tmp_path / kind for kind in ("plain", "a0", "a1")}
+    run_cli(base_config(tiny, outs["plain"], **common), tmp_path / "run_plain")
+    for kind, alpha in (("a0", 0.0), ("a1", 1.0)):
+        run_cli(base_config(tiny, outs[kind], **common, **null_keys(ogpsa_null_alpha=alpha)), tmp_path / f"run_{kind}")
+    start, plain = load_state(Path(tiny["model"])), load_state(outs["plain"])
+    frozen, free = load_state(outs["a0"]), load_state(outs["a1"])
+    assert all(torch.equal(frozen[k], start[k]) for k in frozen if ".mlp." in k)
+    assert any(not torch.equal(frozen[k], start[k]) for k in frozen if ".self_attn." in k)
+    assert ogpsa_log(outs["a0"])[0]["null_dims"] == 0
+    assert all(torch.equal(free[k], plain[k]) for k in free)
+    event = ogpsa_log(outs["a1"])[0]
+    assert event["null_dims"] == event["input_dims"] and event["basis_bytes"] == 0
+
+
+@pytest.fixture(scope="module")
+def wide(tiny, tmp_path_factory) -> dict[str, str]:
+    """The tiny model at hidden size 512 (same tokenizer and data): one reference row per set (~330
+    tokens) then spans only part of every layer's input space, as 300 real samples do at 7B scale."""
+    from ogpsa.data_prep.tiny import write_model
+
+    return {"model": str(write_model(tmp_path_factory.mktemp("wide"), hidden=512)), "data": tiny["data"]}
+
+
+def test_lora_all_linear_keeps_reference_losses(wide, tmp_path):
+    """LoRA on every linear layer, every one constrained, NSPO's alpha: A <- A P makes B A x ignore the
+    reference inputs' range, so the reference losses move >= 10x less than plain LoRA while the safety
+    loss falls."""
+    names = REFS + ["toy_safety_sft"]
+    start = reference_losses(wide["model"], wide, names, samples=1)
+    lora = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 8, "optim": "adamw_torch",
+            "learning_rate": 2e-3, "max_steps": 6, "max_grad_norm": 1.0}
+    change = {}
+    null = null_keys(ogpsa_null_layers="all_linear", ogpsa_null_alpha=5e-5, ogpsa_reference_samples=1)
+    for kind, keys in {"plain": {}, "null": null}.items():
+        out = tmp_path / kind
+        run_cli(base_config(wide, out, **lora, **keys), tmp_path / f"run_{kind}")
+        after = reference_losses(wide["model"], wide, names, adapter=str(out), samples=1)
+        change[kind] = {n: after[n] - start[n] for n in names}
+    worst = {k: max(abs(change[k][n]) for n in REFS) for k in change}
+    print(f"largest reference-loss change: plain LoRA {worst['plain']:.5f}, null-space LoRA {worst['null']:.5f}; "
+          f"safety loss change {change['null']['toy_safety_sft']:.4f}")
+    assert worst["plain"] > 0.05
+    assert worst["null"] * 10 <= worst["plain"]
+    assert change["null"]["toy_safety_sft"] < -0.1
+    event = ogpsa_log(tmp_path / "null")[0]
+    assert event["layers"] == 14 and event["lora_a_moved"] > 0  # 7 linears x 2 layers; PEFT's random A moved
+
+
+def test_bad_null_space_setting_fails_before_training(tiny, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(base_config(tiny, out, max_steps=1, **null_keys(ogpsa_null_alpha=2)), tmp_path / "run", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ogpsa_null_alpha: must be in [0, 1], got 2.0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+BAD = {
+    "alpha_type": ({"ogpsa_null_alpha": "small"}, "ogpsa_null_alpha: expected a number"),
+    "span_key": ({"ogpsa_granularity": "global"}, "ogpsa_granularity: not used by ogpsa_method=null_space"),
+    "null_key": ({"ogpsa_method": "gradient_span", "ogpsa_null_alpha": 0.1},
+                 "ogpsa_null_alpha: not used by ogpsa_method=gradient_span"),
+    "layers": ({"ogpsa_null_layers": " "}, "ogpsa_null_layers: 'mlp', 'all_linear' or comma-separated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_null_space_settings_are_named(case):
+    """The same validation the command line runs before launch (`split_ogpsa_args`), without a process each."""
+    from ogpsa.plugin.settings import OGPSAConfigError, split_ogpsa_args
+
+    keys, message = BAD[case]
+    with pytest.raises(OGPSAConfigError, match=re.escape(message)):
+        split_ogpsa_args({**null_keys(), **keys}, "x.yaml: ")
+
+
+@pytest.mark.parametrize("engine", [{"deepspeed": "ds.json"}, {"fsdp": "full_shard", "fsdp_config": {"version": 2}}])
+def test_sharded_engines_are_refused_for_null_space(engine):
+    from ogpsa.plugin.engines import check_arguments
+    from ogpsa.plugin.settings import OGPSAConfigError, split_ogpsa_args
+
+    settings, _ = split_ogpsa_args(null_keys())
+    with pytest.raises(OGPSAConfigError, match="ogpsa_method=null_space runs on one process or DDP"):
+        check_arguments(engine.get, settings)
+
+
+def test_unknown_null_layers_fail_naming_the_key(tiny, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(base_config(tiny, out, max_steps=1, **null_keys(ogpsa_null_layers="ffn_in,ffn_out")),
+                   tmp_path / "run", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ogpsa_null_layers: 'ffn_in,ffn_out' matches no trainable linear layer" in proc.stderr
+    assert not (out / "model.safetensors").exists()
+
+
+def test_null_space_dpo_with_lora(tiny, tmp_path):
+    """ogpsa_dpo + LoRA: LLaMA-Factory's DPO workflow, every adapter A kept in its null space."""
+    out = tmp_path / "out"
+    keys = {"dataset": "toy_safety_dpo", "pref_beta": 0.1, "finetuning_type": "lora", "lora_target": "all",
+            "max_steps": 3, "learning_rate": 1e-2, "optim": "adamw_torch",
+            **null_keys(stage="ogpsa_dpo", ogpsa_null_layers="all_linear")}
+    cfg = base_config(tiny, out, **keys)
+    run_cli(cfg, tmp_path / "run")
+    log = ogpsa_log(out)
+    assert [r["step"] for r in log if r.get("event") == "rebuild"] == [0]  # null_space builds once by default
+    assert [r["step"] for r in log if "removed_fraction" in r] == [1, 2, 3]
+    names = [k.split("null_dim/")[1] for k in log[0] if k.startswith("null_dim/")]
+    x = reference_inputs(tiny, [n.replace("base_model.model.", "") for n in names if "layers.1." in n])
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    for name, rows in x.items():
+        a = adapter[f"base_model.model.{name}.lora_A.weight"].double()
+        bound = float(torch.linalg.matrix_norm(a, ord=2)) * null_energy(rows, ALPHA) ** 0.5
+        assert float((a @ rows.T).norm()) <= bound * (1 + 1e-4) + 1e-6 * float(rows.norm()), name
+    history = [r for r in log_history(out) if "loss" in r]
+    assert all("ogpsa/removed_fraction" in r for r in history)
