@@ -16,8 +16,9 @@ Parameters outside the constrained layers (embeddings, norms, unconstrained line
 plain run; only the constrained layers' outputs on the reference inputs are held.
 
 Supported engines: one process and DDP (the covariances are summed over ranks, so every rank keeps
-the same null spaces). ZeRO and FSDP2 are refused before launch (`engines.check_arguments`): their
-gradient pieces cut a weight's rows, and W P needs whole rows.
+the same null spaces). ZeRO and FSDP2 are refused before launch (`engines.check_arguments`): ZeRO's
+flat partitions cut a weight's rows, and W P needs whole rows; FSDP2's row shards would work but
+are not wired up.
 """
 
 from __future__ import annotations
