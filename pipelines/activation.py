@@ -1,6 +1,6 @@
 """Activation: makes stock `llamafactory-cli train` understand OGPSA stages and pipeline recipes.
 
-`arm()` registers a post-import hook (a `sys.meta_path` finder) that waits for two LLaMA-Factory
+`arm()` registers a post-import hook (a `sys.meta_path` finder) that waits for three LLaMA-Factory
 modules and wraps a few of their functions right after they are executed:
 
 - `llamafactory.train.tuner`: the stage integration (`ogpsa.plugin.integration.patch_tuner`).
@@ -8,6 +8,7 @@ modules and wraps a few of their functions right after they are executed:
   runner, validates `ogpsa_*` keys before anything starts (one-line error, exit 2), and makes
   torchrun workers start through `_worker/ogpsa_lf_worker.py`, which arms the hook itself, so
   `FORCE_TORCHRUN=1` works even where the `.pth` file is absent (editable installs).
+- `llamafactory.webui.runner`: the OGPSA stages in LlamaBoard (`ogpsa.pipelines.webui.patch_runner`).
 
 The installed `ogpsa_activate.pth` calls `arm()` at every interpreter start-up; until
 `llamafactory` is imported nothing else happens, and any failure here only prints a warning:
@@ -52,7 +53,17 @@ def _patch_launcher(module) -> None:
     module.__ogpsa_patched__ = True
 
 
-_HOOKS = {"llamafactory.train.tuner": _patch_tuner, "llamafactory.launcher": _patch_launcher}
+def _patch_webui_runner(module) -> None:
+    from .webui import patch_runner
+
+    patch_runner(module)
+
+
+_HOOKS = {
+    "llamafactory.train.tuner": _patch_tuner,
+    "llamafactory.launcher": _patch_launcher,
+    "llamafactory.webui.runner": _patch_webui_runner,
+}
 
 
 def _apply(name: str, module) -> None:
@@ -131,14 +142,16 @@ def _before_train(config_path: str, overrides: list[str]) -> int | None:
 
 
 def _validate_stage_args(args: dict, where: str) -> None:
+    """The checks done before launch (OGPSAConfigError); `where` names the source, "" for none."""
     from ogpsa.plugin.engines import check_arguments
     from ogpsa.plugin.reference import check_registered
     from ogpsa.plugin.settings import split_ogpsa_args
 
-    settings, stock = split_ogpsa_args(args, f"{where}: ")
+    prefix = f"{where}: " if where else ""
+    settings, stock = split_ogpsa_args(args, prefix)
     if settings is None:
         return
-    check_arguments(stock.get, settings, f"{where}: ")
+    check_arguments(stock.get, settings, prefix)
     if isinstance(stock.get("dataset_dir", "data"), str):
         check_registered(settings.reference_names, stock.get("dataset_dir", "data"))
 
