@@ -9,7 +9,9 @@ Everything is written here, with no download, so the README's first command runs
 - reference sets (`demo_math_ref`, `demo_general_ref`, `demo_hhh_ref`) and held-out capability
   probes (`demo_math_eval`, `demo_general_eval`, `demo_hhh_eval`), disjoint from each other;
 - held-out safety probes (`demo_harmful_eval` from harm activities never seen in training,
-  `demo_benign_eval`).
+  `demo_benign_eval`);
+- for task fine-tuning that must keep safety: a math task (`demo_math_train`, disjoint from the
+  math probes) and a safety reference set (`demo_safety_ref`: harmful requests -> refusals).
 
 Math rows are arithmetic word problems with worked answers ending in `#### N` (GSM8K's format):
 a real capability signal. General and HHH-style answers are the base model's own greedy answers
@@ -176,6 +178,10 @@ def build_rows(answer, seed: int = 0, **sizes) -> dict[str, list[dict]]:
         "demo_hhh_eval": hhh_eval,
         "demo_harmful_eval": [{"instruction": q, "input": "", "output": ""} for q in p["harmful_eval"]],
         "demo_benign_eval": [{"instruction": q, "input": "", "output": ""} for q in p["benign_eval"]],
+        # Task fine-tuning that must keep safety (recipes/smollm2_task_keep_safety.yaml): a benign task and a
+        # safety reference set. Drawn last, so every set above is the same as without them.
+        "demo_math_train": _math(rng, sizes.get("n_train", 64), taken),
+        "demo_safety_ref": refusal[:n_ref],
     }
 
 

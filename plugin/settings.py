@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 # Stage names this package registers, and the LLaMA-Factory workflow each one runs.
 OGPSA_STAGES = {"ogpsa_sft": "sft", "ogpsa_dpo": "dpo"}
@@ -51,7 +52,7 @@ class OGPSAArguments:
     ogpsa_reference_samples: int = field(
         default=100, metadata={"help": "Samples drawn from each reference set (the first N rows)."}
     )
-    ogpsa_refresh_steps: int | None = field(
+    ogpsa_refresh_steps: Optional[int] = field(
         default=None,
         metadata={
             "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 30 for ogpsa_sft, 5 "
@@ -91,7 +92,7 @@ class OGPSAArguments:
             "memory (inner products still accumulate in float32); 'float32'."
         },
     )
-    ogpsa_reference_batch_size: int | None = field(
+    ogpsa_reference_batch_size: Optional[int] = field(
         default=None,
         metadata={"help": "Micro-batch size for reference gradients (default: per_device_train_batch_size)."},
     )
@@ -134,7 +135,7 @@ def _check_type(key: str, value: Any, annotation: Any, where: str) -> Any:
     """Return `value` if it fits `annotation` (int, str, Literal, Optional[...]); raise otherwise."""
     hint = typing.get_type_hints(OGPSAArguments)[key] if annotation is None else annotation
     origin = typing.get_origin(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X] or X | None
         if value is None:
             return None
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -616,3 +616,22 @@ def test_atomic_writes_give_the_usual_file_mode_and_leave_nothing_on_failure(tmp
         write_atomic(tmp_path / "taken", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "sub", "taken"]
     assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_demo_rows_are_disjoint_and_complete():
+    """`ogpsa data demo`'s sets (answers stubbed: the self-distilled ones need the model): every
+    prompt belongs to one set only, so no probe was trained on or used as a reference."""
+    from ogpsa.data_prep import demo
+
+    rows = demo.build_rows(lambda prompts: [f"answer {i}" for i in range(len(prompts))])
+    sizes = {name: len(r) for name, r in rows.items()}
+    assert sizes["demo_safety_sft"] == 128 and sizes["demo_math_train"] == 64 and sizes["demo_safety_ref"] == 16
+    seen: dict[str, str] = {}
+    for name, r in rows.items():
+        if name in ("demo_safety_dpo", "demo_safety_ref"):
+            continue  # the DPO pairs and the safety reference reuse the SFT refusals' prompts, by design
+        for row in r:
+            assert seen.setdefault(row["instruction"], name) == name, (row["instruction"], name, seen[row["instruction"]])
+    sft_refusals = {r["instruction"]: r["output"] for r in rows["demo_safety_sft"] if r["output"] in demo.REFUSALS}
+    assert all(sft_refusals.get(r["instruction"]) == r["output"] for r in rows["demo_safety_ref"])
+    assert all(r["output"].rsplit("#### ", 1)[1].strip().lstrip("-").isdigit() for r in rows["demo_math_train"])
