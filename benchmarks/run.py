@@ -277,16 +277,16 @@ def install_wrappers() -> None:
     original_rebuild = cbmod.OGPSACallback.rebuild
     original_project = cbmod.project_
 
-    def rebuild(self, args, state, model):
+    def rebuild(self, args, state, model, followup=False):
         rec = Recorder.current
         if rec is None:
-            return original_rebuild(self, args, state, model)
+            return original_rebuild(self, args, state, model, followup=followup)
         rec.callback = self
         _sync(rec.device)
         t0 = time.perf_counter()
         rec.in_rebuild = True
         try:
-            original_rebuild(self, args, state, model)
+            original_rebuild(self, args, state, model, followup=followup)
         finally:
             rec.in_rebuild = False
         _sync(rec.device)

@@ -124,3 +124,15 @@ def test_summary_verdicts_and_flatness():
     table = bench.table(list(rows.values()))
     assert table.splitlines()[0] == bench.HEADER
     assert "MISS" in table and "PASS" in table
+
+
+def test_timing_wrapper_keeps_the_rebuild_signature():
+    """The benchmark wraps OGPSACallback.rebuild; a scheduled or follow-up rebuild passes `followup`, which
+    a wrapper with the old signature rejected (the quick run's steps end before the first scheduled one)."""
+    import inspect
+
+    import ogpsa.plugin.callback as cbmod
+
+    original = inspect.signature(cbmod.OGPSACallback.rebuild)
+    _bench_module().install_wrappers()
+    assert inspect.signature(cbmod.OGPSACallback.rebuild).parameters.keys() == original.parameters.keys()
