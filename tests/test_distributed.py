@@ -51,6 +51,7 @@ def test_two_processes_match_one(tiny, tmp_path, stage):
     assert len(rebuilds) == 2 and all(r["world_size"] == 2 and r["rank_spread"] == 0.0 for r in rebuilds)
 
 
+@pytest.mark.scaleout  # a third 2-process pair: kept out of the default suite's 15-minute budget
 def test_rebuild_does_not_disturb_ddp_sync(tiny, tmp_path):
     """2 processes, a rebuild before every step, projection off: bitwise the plain DDP weights."""
     plain = load_state(train(tiny, tmp_path, "sft", 2, "plain"))
