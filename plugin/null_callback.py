@@ -106,11 +106,13 @@ class NullSpaceCallback(OGPSACallback):
         nulls = [s.null_dim for s in self.spaces]
         event.update({"null_dims": sum(nulls), "input_dims": sum(dims),
                       "null_fraction": sum(nulls) / max(sum(dims), 1)})
-        # per layer: the null dimension, the fraction of its input energy still reachable, the bytes
+        # per layer: the null dimension, the fraction of its input energy still reachable, and the bytes
+        # of its (possibly shared) stored basis
         for layer in self.layers:
             space = self.spaces[layer.space]
             event[f"null_dim/{layer.name}"] = space.null_dim
             event[f"null_energy/{layer.name}"] = space.null_energy
+            event[f"basis_bytes/{layer.name}"] = space.nbytes()
         for name, t in self._tokens.items():
             event[f"input_tokens/{name}"] = t["input"]
             event[f"padded_tokens/{name}"] = t["padded"]

@@ -109,6 +109,11 @@ def test_layer_outputs_on_reference_inputs_stay_within_the_alpha_bound(tiny, tmp
     assert event["event"] == "rebuild" and event["method"] == "null_space" and event["spaces"] == 4
     assert 0 < event["null_dims"] < event["input_dims"]
     dims = [event[f"null_dim/{n}"] for n in MLP]
+    # the stored basis is the narrower of null and range: min(k, d - k) columns of d float32 entries
+    widths = {n: (64 if "down_proj" not in n else 128) for n in MLP}
+    for n in MLP:
+        k, d = event[f"null_dim/{n}"], widths[n]
+        assert event[f"basis_bytes/{n}"] == min(k, d - k) * d * 4, n
     # gate and up read the same input: one shared space (and the same null dimension)
     assert dims[0] == dims[1] and dims[3] == dims[4]
     steps = [r for r in ogpsa_log(tmp_path / "null") if "update_in_range_norm" in r]
