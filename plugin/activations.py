@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import ReferenceSet, _all_reduce_sum, _count, shard_batches
+from .reference import ReferenceSet, _all_reduce_sum, _count, forked_rng, shard_batches
 
 # Module-name parts that mark a feed-forward block across common architectures (Llama, Qwen, Mistral,
 # Gemma: `mlp`; Falcon/GPT-NeoX: `mlp`; InternLM and others: `feed_forward`; some: `ffn`).
@@ -85,7 +85,8 @@ def constrained_layers(model: torch.nn.Module, spec: str) -> list[ConstrainedLay
 
 @dataclass
 class Covariances:
-    """The reference inputs' covariances: one per distinct input, and the layers reading it."""
+    """The reference inputs' covariances, one per distinct input (`ConstrainedLayer.space` indexes them),
+    and each set's token counts."""
 
     matrices: list[torch.Tensor]
     tokens: dict[str, dict[str, int]]  # per set: input (non-padding) and padded positions
@@ -96,8 +97,7 @@ def _inference(model: torch.nn.Module, device: torch.device):
     """Eval mode (no dropout: the inputs are those of the deterministic model), no autograd, forked
     RNG; restores the mode on exit so training proceeds as if nothing ran."""
     was_training = model.training
-    fork = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork, device_type=device.type if device.type != "cpu" else "cuda"):
+    with forked_rng(device):
         model.eval()
         try:
             with torch.no_grad():
@@ -137,16 +137,20 @@ class _Collector:
             if layer.space in self._batch_done:
                 return
             self._batch_done.add(layer.space)
-            rows = x[self.mask] if self.mask is not None else x.reshape(-1, x.shape[-1])
-            rows = rows.reshape(-1, x.shape[-1]).float()
+            rows = (x[self.mask] if self.mask is not None else x).reshape(-1, x.shape[-1]).float()
             self.matrices[layer.space].addmm_(rows.T, rows)  # float32 accumulation (X^T X)
 
         return record
 
-    def next_batch(self, batch: dict[str, torch.Tensor]) -> None:
+    def next_batch(self, batch: dict[str, torch.Tensor], counted: bool = True) -> None:
+        """Start a micro-batch; `counted=False` (the probe, a top-up) runs it without adding to any covariance."""
         mask = batch.get("attention_mask")
-        # padding excluded: the reference sets are never packed, so the mask is a 2-D 0/1 tensor
-        self.mask = mask.bool() if mask is not None and mask.dim() == 2 else None
+        if not counted:
+            self.mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        elif mask is not None and mask.dim() == 2:  # padding excluded: reference sets are never packed (2-D 0/1)
+            self.mask = mask.bool()
+        else:
+            self.mask = None
         self._batch_done.clear()
         self._seen.clear()
         self._alive.clear()  # a new batch has new tensors; assignments made on the first batch stay
@@ -169,15 +173,12 @@ def input_covariances(model, layers: list[ConstrainedLayer], refs: list[Referenc
             # layers share an input) identically on every rank, even a rank whose share of a set is empty.
             probe = collator([dict(refs[0].features[-1])])
             probe = {k: v.to(device) for k, v in probe.items() if torch.is_tensor(v) and k != "labels"}
-            collector.next_batch(probe)
-            collector.mask = torch.zeros_like(probe["input_ids"], dtype=torch.bool)
+            collector.next_batch(probe, counted=False)
             model(**probe)
             for ref in refs:
                 counts = torch.zeros(3, dtype=torch.float64, device=device)
                 for batch, weight in shard_batches(ref, batch_size, collator, device, even=even):
-                    collector.next_batch(batch)
-                    if weight == 0.0:  # a top-up batch: run it for the collectives, count nothing
-                        collector.mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+                    collector.next_batch(batch, counted=weight != 0.0)  # a top-up runs for the collectives only
                     model(**{k: v for k, v in batch.items() if k != "labels"})
                     counts += _count(batch, weight)
                     if progress is not None:

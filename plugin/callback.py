@@ -226,7 +226,8 @@ class OGPSACallback(TrainerCallback):
             logger.info(f"ogpsa: resumed the subspace built at step {self.built_at_step} from {folder}")
         return True
 
-    # The method-specific state a checkpoint carries (the null-space method overrides these three).
+    # The method-specific state a checkpoint carries (the null-space method overrides these, and
+    # `_method_identity`).
     def _has_basis(self) -> bool:
         return self.basis is not None
 
@@ -251,12 +252,15 @@ class OGPSACallback(TrainerCallback):
             "method": s.ogpsa_method,
             "world_size": args.world_size,
             "engine": self.layout.engine,
-            "local_numels": [t.numel() for t in self.layout.like()],
             "reference": list(s.reference_names),
             "reference_samples": s.ogpsa_reference_samples,
-            "granularity": s.ogpsa_granularity,
-            "basis_dtype": s.ogpsa_basis_dtype,
+            **self._method_identity(),
         }
+
+    def _method_identity(self) -> dict[str, Any]:
+        s = self.settings
+        return {"local_numels": [t.numel() for t in self.layout.like()], "granularity": s.ogpsa_granularity,
+                "basis_dtype": s.ogpsa_basis_dtype}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self.layout.steps_inside_engine:
@@ -357,20 +361,12 @@ class OGPSACallback(TrainerCallback):
     def _fill(self, builder: BasisBuilder, args, state, model) -> tuple[dict, dict]:
         """Run the reference sets through the model and commit each gradient to `builder`; return the
         sets' gradient norms and token counts."""
-        from tqdm.auto import tqdm
-
         device = self.params[0].device
-        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
         layout = self.layout
         # zero-copy (autograd accumulates into the basis rows) needs whole parameters in their own dtype
         direct = not layout.sharded and all(r.dtype == p.dtype for r, p in zip(builder.next_row(), self.params))
         norms, tokens = {}, {}
-        bar = tqdm(
-            total=num_batches(self.refs, batch_size, even=layout.collective_forward),
-            desc=f"ogpsa rebuild @ step {state.global_step}",
-            disable=not state.is_world_process_zero,
-            leave=False,
-        )
+        batch_size, bar = self._reference_pass(args, state, "ogpsa rebuild")
         if direct:
             grads = reference_gradients(model, self.params, self.refs, self.collator, batch_size, device,
                                         builder.next_row, bar)
@@ -390,6 +386,15 @@ class OGPSACallback(TrainerCallback):
                 tokens[f"input_tokens/{g.name}"] = g.input_tokens
                 tokens[f"padded_tokens/{g.name}"] = g.padded_tokens
         return norms, tokens
+
+    def _reference_pass(self, args, state, label: str):
+        """(micro-batch size, progress bar over this rank's micro-batches) of one pass over the reference sets."""
+        from tqdm.auto import tqdm
+
+        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
+        bar = tqdm(total=num_batches(self.refs, batch_size, even=self.layout.collective_forward),
+                   desc=f"{label} @ step {state.global_step}", disable=not state.is_world_process_zero, leave=False)
+        return batch_size, bar
 
     def _basis_bytes(self) -> dict[str, int]:
         """This rank's basis bytes and, sharded, the total over ranks."""

@@ -43,16 +43,15 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             "its in-span part; keep float32 master weights (bf16: true, or DeepSpeed/FSDP2 mixed precision) "
             "or set ogpsa_target: gradient"
         )
-    if settings.ogpsa_method == "null_space" and (get("deepspeed") or get("fsdp") not in (None, [], "")):
+    config, fsdp = get("deepspeed"), get("fsdp")
+    if settings.ogpsa_method == "null_space" and (config or fsdp):
         raise OGPSAConfigError(
-            f"{where}{'deepspeed' if get('deepspeed') else 'fsdp'}: ogpsa_method=null_space runs on one process or "
-            "DDP; under ZeRO and FSDP2 a rank's gradient piece cuts weight rows, and W P needs whole rows"
+            f"{where}{'deepspeed' if config else 'fsdp'}: ogpsa_method=null_space runs on one process or DDP "
+            "(ZeRO's flat partitions cut weight rows, and W P needs whole rows; FSDP2 is not wired up)"
         )
-    config = get("deepspeed")
     if config:
         _check_deepspeed(_load_deepspeed_config(config, where), settings, where)
-    fsdp = get("fsdp")
-    if fsdp and fsdp not in ([], ""):
+    if fsdp:
         fsdp_config = _as_dict(get("fsdp_config"))
         version = fsdp_config.get("version", fsdp_config.get("fsdp_version", 1))
         if str(version) != "2":

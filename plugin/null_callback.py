@@ -31,7 +31,6 @@ import torch
 from .activations import ConstrainedLayer, constrained_layers, input_covariances
 from .callback import OGPSACallback
 from .nullspace import LayerSpace, anchor, build_space, project_rows_, restore_
-from .reference import num_batches
 from .settings import OGPSAConfigError
 
 
@@ -46,7 +45,6 @@ class NullSpaceCallback(OGPSACallback):
         self.spaces: list[LayerSpace] = []
         self._anchors: dict[tuple[int, int], torch.Tensor] = {}  # (layer, matrix) -> W_0 (I - P), ogpsa_target=update
         self._removed_sq = self._total_sq = 0.0
-        self._tokens: dict[str, dict[str, int]] = {}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.layers = constrained_layers(model, self.settings.ogpsa_null_layers)
@@ -62,6 +60,7 @@ class NullSpaceCallback(OGPSACallback):
         start = time.perf_counter()
         self.spaces, self._anchors = [], {}  # free the old spaces before the covariances are made
         covariances = self._collect(args, state, model)
+        tokens = covariances.tokens
         self.spaces = [build_space(c, self.settings.ogpsa_null_alpha) for c in covariances.matrices]
         del covariances
         moved = self._constrain_lora()
@@ -69,25 +68,18 @@ class NullSpaceCallback(OGPSACallback):
         self.rebuilds += 1
         seconds = time.perf_counter() - start
         self._pending["rebuild_seconds"].append(seconds)
-        self._last_rebuild = self._rebuild_event(args, state, seconds, moved)
+        self._last_rebuild = self._rebuild_event(args, state, seconds, moved, tokens)
         self._write(self._last_rebuild)
 
     def _collect(self, args, state, model):
-        from tqdm.auto import tqdm
-
-        batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
-        even = self.layout.collective_forward
-        bar = tqdm(total=num_batches(self.refs, batch_size, even=even), desc=f"ogpsa null space @ step "
-                   f"{state.global_step}", disable=not state.is_world_process_zero, leave=False)
+        batch_size, bar = self._reference_pass(args, state, "ogpsa null space")
         with bar:
-            covariances = input_covariances(model, self.layers, self.refs, self.collator, batch_size,
-                                            self.params[0].device, bar, even=even)
-        self._tokens = covariances.tokens
-        return covariances
+            return input_covariances(model, self.layers, self.refs, self.collator, batch_size, self.params[0].device,
+                                     bar, even=self.layout.collective_forward)
 
     def _constrain_lora(self) -> float:
         """LoRA: A <- A P, so B A x = 0 on the reference inputs' range whatever B becomes; returns the
-        norm removed (0 at a stage's start for PEFT's random A only if A was already in the null space)."""
+        norm removed (PEFT's random A has a part in that range, so it is > 0 at a stage's start)."""
         removed_sq = 0.0
         for layer in self.layers:
             if not _is_lora(layer):
@@ -97,7 +89,7 @@ class NullSpaceCallback(OGPSACallback):
                     removed_sq += project_rows_(a.data, self.spaces[layer.space]) ** 2
         return removed_sq**0.5
 
-    def _rebuild_event(self, args, state, seconds: float, moved: float) -> dict[str, Any]:
+    def _rebuild_event(self, args, state, seconds: float, moved: float, tokens: dict) -> dict[str, Any]:
         event = {"event": "rebuild", "method": "null_space", "step": state.global_step, "seconds": round(seconds, 4)}
         event.update({"layers": len(self.layers), "spaces": len(self.spaces), "lora_a_moved": moved})
         event.update({"world_size": args.world_size, "engine": self.layout.engine})
@@ -113,7 +105,7 @@ class NullSpaceCallback(OGPSACallback):
             event[f"null_dim/{layer.name}"] = space.null_dim
             event[f"null_energy/{layer.name}"] = space.null_energy
             event[f"basis_bytes/{layer.name}"] = space.nbytes()
-        for name, t in self._tokens.items():
+        for name, t in tokens.items():
             event[f"input_tokens/{name}"] = t["input"]
             event[f"padded_tokens/{name}"] = t["padded"]
         return event
@@ -171,18 +163,8 @@ class NullSpaceCallback(OGPSACallback):
             layer.space = int(space)
         self._anchors = {tuple(int(x) for x in k.split(".")): t for k, t in saved["anchors"].items()}
 
-    def _state_identity(self, args) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "method": s.ogpsa_method,
-            "world_size": args.world_size,
-            "engine": self.layout.engine,
-            "layers": [la.name for la in self.layers],
-            "reference": list(s.reference_names),
-            "reference_samples": s.ogpsa_reference_samples,
-            "null_alpha": s.ogpsa_null_alpha,
-        }
-
+    def _method_identity(self) -> dict[str, Any]:
+        return {"layers": [la.name for la in self.layers], "null_alpha": self.settings.ogpsa_null_alpha}
 
 def _is_lora(layer: ConstrainedLayer) -> bool:
     return hasattr(layer.module, "lora_A")

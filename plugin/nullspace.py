@@ -26,8 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("null", "range")
-
 
 @dataclass
 class LayerSpace:
@@ -103,12 +101,8 @@ def _times_basis(mat: torch.Tensor, space: LayerSpace) -> torch.Tensor:
 def project_rows_(mat: torch.Tensor, space: LayerSpace) -> float:
     """M <- M P in place (each row of M, a d_in vector, onto the null space); return ||M (I - P)||_F,
     the norm removed. M: a weight, its gradient, or a LoRA A (rows x d_in)."""
-    if space.kind == "null" and space.null_dim == 0:  # P = 0: everything is removed
-        removed = float(mat.float().norm())
-        mat.zero_()
-        return removed
-    if space.kind == "range" and space.vectors.shape[1] == 0:  # P = I
-        return 0.0
+    # an empty basis (P = 0 as a null basis, P = I as a range basis) needs no case of its own: the
+    # products with a d x 0 matrix are exact zeros
     part = _times_basis(mat, space)
     if space.kind == "range":
         mat.sub_(part)  # M (I - V_R V_R^T)
@@ -148,8 +142,3 @@ def restore_(weight: torch.Tensor, space: LayerSpace, kept: torch.Tensor) -> flo
     w.copy_(new.to(w.dtype))
     return removed
 
-
-def output_drift_bound(change_norm2: float, space: LayerSpace, total_energy: float) -> float:
-    """The bound || dW X^T ||_F <= ||dW||_2 sqrt(sum of null eigenvalues), from the spectral norm of the
-    change and sum(lambda) = ||X||_F^2 (`total_energy`); for tests and reports."""
-    return change_norm2 * (space.null_energy * total_energy) ** 0.5

@@ -237,6 +237,12 @@ def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
         w.wait()
 
 
+def forked_rng(device: torch.device):
+    """A context whose RNG draws (dropout) leave the CPU and, on CUDA, the device stream as they were."""
+    fork_devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda")
+
+
 @contextlib.contextmanager
 def _isolated(model: torch.nn.Module, params: list[torch.nn.Parameter], device: torch.device):
     """Train mode (as the training forward), forked RNG, and empty .grad in and out.
@@ -249,8 +255,7 @@ def _isolated(model: torch.nn.Module, params: list[torch.nn.Parameter], device: 
     saved = [p.grad for p in params]
     if any(g is not None for g in saved):
         raise RuntimeError("ogpsa: reference gradients requested while training gradients are pending")
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
+    with forked_rng(device):
         model.train()
         try:
             yield

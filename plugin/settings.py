@@ -15,7 +15,6 @@ BASIS_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
 # Paper defaults (arXiv 2602.07892): rebuild every 30 optimizer steps in SFT, every 5 in DPO. The
 # null-space method builds once per stage, as NSPO's released code does (a rebuild moves what is kept).
 DEFAULT_REFRESH = {"ogpsa_sft": 30, "ogpsa_dpo": 5}
-METHODS = ("gradient_span", "null_space")
 # Keys that mean something to one method only; giving one to the other method is an error, not a no-op.
 METHOD_KEYS = {
     "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype"),
