@@ -107,31 +107,43 @@ def load_state(out: Path) -> dict:
     return load_file(str(Path(out) / "model.safetensors"))
 
 
+def tokenized_references(model_dir: str, tiny: dict[str, str], names: list[str], samples: int = 10_000):
+    """(sets, collator factory) of each dataset's first `samples` rows, tokenised by LLaMA-Factory exactly
+    as training does; `collator(model)` pads like the reference batches."""
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    from ogpsa.plugin.reference import tokenize_reference_sets
+
+    probe = Path(model_dir) / "_probe"
+    model_args, data_args, training_args, _, _ = get_train_args(base_config(tiny, probe, model_name_or_path=model_dir))
+    tokenizer = load_tokenizer(model_args)["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    sets = tokenize_reference_sets(names, samples, template, tokenizer, None, model_args, data_args, training_args)
+    shutil.rmtree(probe, ignore_errors=True)
+
+    def collator(model):
+        return SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
+                                                  tokenizer=tokenizer)
+
+    return sets, collator
+
+
 def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], adapter: str | None = None,
                      samples: int = 10_000) -> dict[str, float]:
     """Mean answer-token NLL of each dataset's first `samples` rows, tokenised by LLaMA-Factory exactly
     as training does (of `model_dir` with the LoRA adapter in `adapter` merged, when given)."""
     import torch
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from ogpsa.plugin.reference import tokenize_reference_sets
-
-    args = base_config(tiny, Path(model_dir) / "_probe", model_name_or_path=model_dir)
-    model_args, data_args, training_args, _, _ = get_train_args(args)
-    tok_module = load_tokenizer(model_args)
-    tokenizer = tok_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    sets = tokenize_reference_sets(names, samples, template, tokenizer, None, model_args, data_args, training_args)
+    sets, make_collator = tokenized_references(model_dir, tiny, names, samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
-                                                  tokenizer=tokenizer)
+    collator = make_collator(model)
     out = {}
     with torch.no_grad():
         for ref in sets:
@@ -142,5 +154,4 @@ def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], ada
                 total += float(model(**batch).loss) * n
                 count += n
             out[ref.name] = total / count
-    shutil.rmtree(Path(model_dir) / "_probe", ignore_errors=True)
     return out

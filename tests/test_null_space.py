@@ -22,6 +22,7 @@ from conftest import (
     ogpsa_log,
     reference_losses,
     run_cli,
+    tokenized_references,
 )
 
 REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
@@ -40,23 +41,11 @@ def null_keys(**overrides) -> dict:
 
 def reference_inputs(tiny: dict, layers: list[str]) -> dict[str, torch.Tensor]:
     """Each layer's inputs (non-padding positions, float64 rows) on the reference sets, from the start model."""
-    from llamafactory.data import (
-        SFTDataCollatorWith4DAttentionMask,
-        get_template_and_fix_tokenizer,
-    )
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
-    from ogpsa.plugin.reference import tokenize_reference_sets
     from transformers import AutoModelForCausalLM
 
-    args = base_config(tiny, Path(tiny["model"]) / "_probe_null")
-    model_args, data_args, training_args, _, _ = get_train_args(args)
-    tokenizer = load_tokenizer(model_args)["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    sets = tokenize_reference_sets(REFS, SAMPLES, template, tokenizer, None, model_args, data_args, training_args)
+    sets, make_collator = tokenized_references(tiny["model"], tiny, REFS, SAMPLES)
     model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
-    collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
-                                                  tokenizer=tokenizer)
+    collator = make_collator(model)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     mask = {}
     modules = dict(model.named_modules())

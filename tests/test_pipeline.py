@@ -172,6 +172,21 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert "ogpsa" not in plain["stages"][0]["metrics"] and ogpsa["stages"][0]["metrics"]["ogpsa"]["rebuilds"] > 0
 
 
+@pytest.mark.scaleout  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
+def test_quickstart_null_space_run_joins_the_report(tmp_path):
+    """`--only null_space`: the same recipe with ogpsa_method=null_space, built once per stage, in the report."""
+    out = tmp_path / "qs"
+    proc = subprocess.run([str(BIN / "ogpsa"), "quickstart", "--tiny", "--only", "null_space", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((out / "null_space" / "pipeline.json").read_text())
+    assert [s["stage"] for s in run["stages"]] == ["ogpsa_sft", "ogpsa_dpo"]
+    assert [s["metrics"]["ogpsa"]["rebuilds"] for s in run["stages"]] == [1, 1]  # once per stage, not every K
+    events = [json.loads(line) for line in (out / "null_space" / "01_sft" / "ogpsa_log.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "rebuild" and events[0]["method"] == "null_space"
+    assert "| null_space (tiny_sft_dpo) | dpo |" in (out / "report.md").read_text()
+
+
 # ---- reuse only what is still valid: data identity, missing results, one runner per folder ----------
 
 
