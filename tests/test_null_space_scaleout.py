@@ -60,3 +60,20 @@ def test_resume_equals_uninterrupted_null_space_run(tiny, tmp_path):
     assert max_diff(load_state(whole), load_state(resumed)) == 0.0
     rebuilds = [r["step"] for r in ogpsa_log(resumed) if r.get("event") == "rebuild"]
     assert rebuilds == [0, 2, 4]
+
+
+def test_gradient_accumulation_1x8_equals_8x1_under_null_space(tiny, tmp_path):
+    """The null-space projection acts on the accumulated gradient: 8 micro-batches of 1 train as 1 batch of 8."""
+    states = {}
+    for label, bs, ga in (("1x8", 1, 8), ("8x1", 8, 1)):
+        out = tmp_path / label
+        cfg = base_config(tiny, out, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=2,
+                          optim="sgd", learning_rate=0.05, max_grad_norm=0.0, **null_keys())
+        run_cli(cfg, tmp_path / f"run_{label}")
+        states[label] = load_state(out)
+    start = load_state(tiny["model"])
+    moved = max_diff(states["8x1"], start)
+    diff = max_diff(states["1x8"], states["8x1"])
+    print(f"max |w_1x8 - w_8x1| = {diff:.2e}, max update = {moved:.2e}")
+    assert moved > 1e-3
+    assert diff < 1e-3 * moved
