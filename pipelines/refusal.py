@@ -1,7 +1,7 @@
 """The refusal judge of `ogpsa eval`: documented phrase rules, or a local classifier (`--judge`).
 
 Phrase rules (`is_refusal`). The rules below are the single source of both the matcher and its
-documentation: `describe_rules()` renders them for `ogpsa eval --help` and the README, and the
+documentation: `describe_rules()` renders them for `ogpsa eval --help` and docs/guide.md, and the
 regular expression is built from the same table. Before matching, a response is lower-cased, curly
 apostrophes are straightened, whitespace is collapsed and "i'm" is read as "i am". A rule matches
 its words in order, each word separated by spaces (a comma may precede a space); `(a / b)` is a

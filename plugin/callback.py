@@ -1,6 +1,6 @@
 """`OGPSACallback`: the projection inside a Hugging Face / LLaMA-Factory trainer.
 
-The training order of one optimizer step, written down once here (README "Design" repeats it):
+The training order of one optimizer step, written down once here (DESIGN.md repeats it):
 
     on_step_begin        rebuild the subspace if this step is due (step 0, then every K steps):
                          reference forward/backward with .grad empty before and after, RNG forked

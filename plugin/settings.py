@@ -219,3 +219,23 @@ def validate(settings: OGPSAArguments, where: str = "") -> None:
             f"{where}ogpsa_reference_batch_size: must be >= 1, got {settings.ogpsa_reference_batch_size}"
         )
 
+
+
+# How the README's settings table shows a default that is not the field's literal value.
+_DEFAULT_DOCS = {
+    "ogpsa_reference": "(required)",
+    "ogpsa_refresh_steps": "30 (sft), 5 (dpo); 0 with `null_space`",
+    "ogpsa_reference_batch_size": "`per_device_train_batch_size`",
+}
+
+
+def settings_markdown() -> str:
+    """The README's settings table, made from the fields' help so the two cannot drift apart."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in user_fields():
+        default = _DEFAULT_DOCS.get(f.name)
+        if default is None:
+            default = f"`{f.default}`"
+        meaning = " ".join(f.metadata.get("help", "").split()).replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {default} | {meaning} |")
+    return "\n".join(rows)
