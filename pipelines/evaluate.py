@@ -76,7 +76,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from ogpsa.data_prep.common import write_json_atomic
+from ..plugin.files import write_json_atomic
 
 from .eval_config import EvalConfig, EvalError, run_defaults
 from .refusal import describe_rules

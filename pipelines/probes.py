@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ogpsa.data_prep.common import norm_text
+from ..plugin.files import norm_text
 
 from .eval_config import EvalConfig, EvalError
 

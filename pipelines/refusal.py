@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ogpsa.data_prep.common import norm_text
+from ..plugin.files import norm_text
 
 # ---------------------------------------------------------------------------------- phrase rules
 

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from ogpsa.data_prep.common import write_atomic
+from ..plugin.files import write_atomic
 
 from .eval_config import EvalError
 from .scoring import flat_metrics

@@ -23,7 +23,6 @@ stock LLaMA-Factory run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from ogpsa.data_prep.common import write_json_atomic
+from ..plugin.files import short_hash as _short
+from ..plugin.files import write_json_atomic
 
 from .identity import eval_identity, stage_identity, stage_inputs
 from .lock import PipelineLock
@@ -229,11 +229,6 @@ def summarize(out: str) -> dict[str, Any]:
             summary[f"mean_{key}"] = sum(r.get(key, 0.0) for r in steps) / max(len(steps), 1)
         metrics["ogpsa"] = summary
     return metrics
-
-
-def _short(digest: Any) -> Any:
-    """A dataset's digest as stored in pipeline.json: one hash for its entry and its content."""
-    return hashlib.sha256(json.dumps(digest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _what_changed(record: dict, inputs: dict) -> str:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import ReferenceSet, _all_reduce_sum, _count, forked_rng, shard_batches
+from .dist import all_reduce_sum as _all_reduce_sum
+from .reference import ReferenceSet, forked_rng, shard_batches
+from .reference import token_counts as _count
 
 # Module-name parts that mark a feed-forward block across common architectures (Llama, Qwen, Mistral,
 # Gemma: `mlp`; Falcon/GPT-NeoX: `mlp`; InternLM and others: `feed_forward`; some: `ffn`).

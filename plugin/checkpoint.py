@@ -49,13 +49,3 @@ def load(checkpoint_dir: str, rank: int, world_size: int, device, expected: dict
             return None, f"{path} was saved with {key}={state.get(key)!r}, this run has {value!r}"
     return state, ""
 
-
-def all_ranks_agree(ok: bool, device) -> bool:
-    """True only if `ok` on every data-parallel rank (one all-reduce; True without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() == 1.0)

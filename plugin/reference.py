@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from .dist import all_reduce_sum as _all_reduce_sum
+from .dist import world as _world
 from .settings import OGPSAConfigError
 
 IGNORE_INDEX = -100
@@ -32,28 +34,6 @@ IGNORE_INDEX = -100
 
 class ReferenceDataError(OGPSAConfigError):
     """A reference set that cannot be used (unknown, empty, non-finite gradient)."""
-
-
-def check_registered(names: list[str], dataset_dir: str) -> None:
-    """Fail early, naming the file, when a reference set is not in `dataset_info.json`."""
-    if dataset_dir == "ONLINE" or dataset_dir.startswith("REMOTE:"):
-        return  # resolved by LLaMA-Factory against the Hub; errors surface when loading
-    path = os.path.join(dataset_dir, "dataset_info.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise ReferenceDataError(f"ogpsa_reference: {path} does not exist (dataset_dir: {dataset_dir!r})") from None
-    except json.JSONDecodeError as e:
-        raise ReferenceDataError(f"ogpsa_reference: {path} is not valid JSON ({e})") from None
-    missing = [n for n in names if n not in info]
-    if missing:
-        raise ReferenceDataError(
-            f"ogpsa_reference: {', '.join(missing)} not found in {path} (registered: {', '.join(sorted(info))})"
-        )
-    for n in names:
-        if info[n].get("ranking"):
-            raise ReferenceDataError(f"ogpsa_reference: {n} in {path} is a preference (ranking) dataset; use SFT data")
 
 
 @dataclass
@@ -115,12 +95,6 @@ def tokenize_reference_sets(
             )
         sets.append(ReferenceSet(name, rows))
     return sets
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # Padded positions a micro-batch may carry per real one. Reference samples vary a lot in length
@@ -214,7 +188,7 @@ class SetGradient:
     scale: float = 1.0
 
 
-def _count(batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+def token_counts(batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
     """(answer, input, padded) token counts of one micro-batch (float64; answer and input 0 for a top-up)."""
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     answer = (batch["labels"][:, 1:] != IGNORE_INDEX).sum() * int(weight)
@@ -227,14 +201,6 @@ def _count(batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
 def _set_gradient(name: str, rows: list[torch.Tensor], counts: torch.Tensor, scale: float = 1.0) -> SetGradient:
     answer, real, padded = (int(x) for x in counts.tolist())
     return SetGradient(name, rows, answer, real, padded, scale)
-
-
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    if _world()[1] == 1:
-        return
-    works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in tensors]
-    for w in works:
-        w.wait()
 
 
 def forked_rng(device: torch.device):
@@ -271,7 +237,7 @@ def _backward_set(model, ref: ReferenceSet, batch_size: int, collator, device, p
     (gradients accumulate wherever `.grad` points); returns this rank's (answer, input, padded) counts."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for batch, weight in shard_batches(ref, batch_size, collator, device, even=even):
-        count = _count(batch, weight)
+        count = token_counts(batch, weight)
         loss = model(**batch).loss  # mean NLL over this batch's answer tokens
         # x answer tokens -> the sum of token NLLs, so sets weight tokens equally (0 for a top-up batch)
         (loss * count[0].to(loss.dtype)).backward()

@@ -29,6 +29,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .dist import reduce_sum
+
 GroupViews = list[Optional[torch.Tensor]]
 
 
@@ -44,11 +46,6 @@ class Piece:
         return self.stop - self.start
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 class ShardLayout:
     """The common interface; `Replicated` is the unsharded case."""
 
@@ -62,7 +59,7 @@ class ShardLayout:
 
     @property
     def reduce(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        return _all_reduce_sum if self.sharded else None
+        return reduce_sum if self.sharded else None
 
     @property
     def groups(self) -> list[int]:

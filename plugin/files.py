@@ -1,0 +1,89 @@
+"""File and text helpers shared by the plugin and the pipelines (standard library only).
+
+Atomic writes (readers see the old file or the new one, never half of one), short content hashes,
+the one reader of a run's `dataset_info.json`, comma-separated name lists and prompt normalisation.
+`ogpsa.data_prep` keeps its own copies: it imports no training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DATASET_INFO = "dataset_info.json"
+
+
+def _temp_file(folder: Path, name: str, blob: bytes) -> str:
+    """`blob` in a new hidden temp file in `folder` (same file system as the target, so the rename is
+    atomic), with the mode a plain `open(..., "w")` would give; returns its path."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8) to `path` through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_file(path.parent, path.name, data.encode("utf-8") if isinstance(data, str) else data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """`obj` as indented JSON (keys sorted for a dict; a value JSON cannot hold, as its str), atomically."""
+    text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict), default=str) + "\n"
+    return write_atomic(path, text)
+
+
+def short_hash(obj: Any) -> str:
+    """16 hex digits of the sha256 of `obj` as canonical JSON (a value JSON cannot hold, as its str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def local_dataset_dir(dataset_dir: Any) -> bool:
+    """False for what LLaMA-Factory resolves against a hub at run time (`ONLINE`, `REMOTE:...`)."""
+    return isinstance(dataset_dir, str) and dataset_dir != "ONLINE" and not dataset_dir.startswith("REMOTE:")
+
+
+def dataset_info_path(dataset_dir: str) -> str:
+    return os.path.join(dataset_dir, DATASET_INFO)
+
+
+def read_dataset_info(dataset_dir: Any) -> dict | None:
+    """The registry of a local `dataset_dir`, or None for a remote one. Raises FileNotFoundError or
+    json.JSONDecodeError (each caller words the error for its own key)."""
+    if not local_dataset_dir(dataset_dir):
+        return None
+    with open(dataset_info_path(dataset_dir), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def split_names(value: Any) -> list[str]:
+    """A comma-separated string or a list of names as a list of stripped, non-empty names."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def norm_text(text: str) -> str:
+    """Whitespace- and case-normalised key used for deduplication and disjointness."""
+    return " ".join(text.split()).casefold()
