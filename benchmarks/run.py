@@ -6,7 +6,7 @@
     python benchmarks/run.py --device cuda --sizes 500m        # one GPU, bf16
 
 Every run goes through LLaMA-Factory's own `run_exp` in this process (the OGPSA stages are armed
-with `ogpsa.pipelines.activation.arm()`), with a timing callback attached. What is measured, per
+with `ogpsa.pipelines.integration.hook.arm()`), with a timing callback attached. What is measured, per
 model size and stage pair, in each repeat (runs interleaved: sft, ogpsa_sft, dpo, ogpsa_dpo):
 
 - step time: the interval between consecutive `on_step_end` events (synchronised on CUDA), i.e.
@@ -270,12 +270,13 @@ class Recorder:
 
 def install_wrappers() -> None:
     import ogpsa.plugin.callback as cbmod
+    import ogpsa.plugin.gradient_span as spanmod
     import torch
 
     if getattr(cbmod, "__bench_wrapped__", False):
         return
     original_rebuild = cbmod.OGPSACallback.rebuild
-    original_project = cbmod.project_
+    original_project = spanmod.project_
 
     def rebuild(self, args, state, model, followup=False):
         rec = Recorder.current
@@ -329,9 +330,9 @@ def install_wrappers() -> None:
 
     cbmod.OGPSACallback.rebuild = rebuild
     _count_training_tokens()
-    cbmod.project_ = project_
-    cbmod.span_coordinates = timed(cbmod.span_coordinates)
-    cbmod.project_change_ = timed(cbmod.project_change_)
+    spanmod.project_ = project_
+    spanmod.span_coordinates = timed(spanmod.span_coordinates)
+    spanmod.project_change_ = timed(spanmod.project_change_)
     cbmod.__bench_wrapped__ = True
 
 
@@ -450,15 +451,15 @@ def make_timer(rec: Recorder):
             _sync(rec.device)
             rec.extra["peak_bytes"] = _peak_bytes(rec.device)
             cb = rec.callback
-            if cb is None or cb.basis is None:
+            if cb is None or getattr(cb.constraint, "basis", None) is None:
                 return
-            rec.extra["basis_bytes"] = cb.basis.nbytes()
-            rec.extra["basis_rank"] = cb.basis.rank()
-            rec.extra["basis_tensors"] = len(cb.basis.directions)
-            rec.extra["basis_full_rank_tensors"] = sum(1 for d in cb.basis.directions if d.shape[0] == len(cb.refs))
+            rec.extra["basis_bytes"] = cb.constraint.basis.nbytes()
+            rec.extra["basis_rank"] = cb.constraint.basis.rank()
+            rec.extra["basis_tensors"] = len(cb.constraint.basis.directions)
+            rec.extra["basis_full_rank_tensors"] = sum(1 for d in cb.constraint.basis.directions if d.shape[0] == len(cb.refs))
             rec.extra["trainable_numel"] = sum(p.numel() for p in cb.params)
             rec.extra["trainable_tensors"] = len(cb.params)
-            rec.extra["basis_dtype"] = str(cb.basis.directions[0].dtype)
+            rec.extra["basis_dtype"] = str(cb.constraint.basis.directions[0].dtype)
             rec.extra["ref_batches"] = sum(-(-len(r.features) // self._bs(cb, args)) for r in cb.refs)
             rec.extra["ref_tokens"] = sum(len(f["input_ids"]) for r in cb.refs for f in r.features)
             last = cb._last_rebuild
@@ -843,7 +844,7 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-    from ogpsa.pipelines.activation import arm
+    from ogpsa.pipelines.integration.hook import arm
 
     arm()
     import llamafactory

@@ -1,0 +1,227 @@
+"""`ogpsa_method: gradient_span` (OGPSA): the constraint that removes from every step its component
+along the reference sets' gradients (the maths is `projection.py`, the gradients `reference.py`).
+
+    build                the reference sets' NLL gradients at the current weights, orthonormalised
+                         into a `SubspaceBasis` (streaming Gram-Schmidt into the basis rows)
+    project_grad         g <- g - U^T U g on the accumulated, synchronised, clipped gradient; with
+                         ogpsa_target=update, also note the weights' coordinates c = U theta
+    project_step         ogpsa_target=update only: theta <- theta - U^T (U theta - c), on the float32
+                         master weights, so the step the optimizer actually took (Adam's rescaling,
+                         weight decay) is orthogonal too
+
+It works on this rank's piece of every trainable parameter (`sharding.ShardLayout`): whole
+parameters on one process and under DDP, partitions under ZeRO-1/2/3 and FSDP2, with the inner
+products summed over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from llamafactory.extras.logging import get_logger
+
+from . import dist
+from .constraint import BuildContext, SetupContext
+from .projection import (
+    MODES,
+    BasisBuilder,
+    NonFiniteGradient,
+    ProjectionStats,
+    SubspaceBasis,
+    basis_fingerprint,
+    project_,
+    project_change_,
+    span_coordinates,
+)
+from .reference import ReferenceDataError, reference_gradients, sharded_reference_gradients
+from .settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
+from .sharding import Replicated, ShardLayout
+
+logger = get_logger("llamafactory.ogpsa")
+
+
+class GradientSpan:
+    """The capability subspace (`SubspaceBasis`) and the projections onto its complement."""
+
+    method = "gradient_span"
+    # ogpsa_target=update: the log key of the norm removed from the optimizer's actual step
+    step_removed_key = "update_in_span_norm"
+
+    def __init__(self, settings: OGPSAArguments):
+        if settings.ogpsa_mode not in MODES:
+            raise OGPSAConfigError(f"ogpsa_mode: expected one of {MODES}, got {settings.ogpsa_mode!r}")
+        self.settings = settings
+        self.params: list[torch.nn.Parameter] = []
+        self.layout: ShardLayout = Replicated([])
+        self.basis: Optional[SubspaceBasis] = None
+        # ogpsa_target=update: U theta per parameter group (one group unless ZeRO), kept by projected steps
+        self._coords: dict[int, torch.Tensor] = {}
+        self._stats: list[ProjectionStats] = []  # this step's projections, one per group
+        self._stats_after: list[ProjectionStats] = []
+        # blocks whose reference gradient was zero at a rebuild (LoRA's A while B = 0): one follow-up
+        # rebuild at the next step; blocks still zero then (unused by the reference data) are left alone
+        self.followup_due = False
+        self._still_zero: set[int] = set()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def supports(self, layout: ShardLayout) -> Optional[str]:
+        return None  # every layout `engines.detect` returns: whole parameters or pieces of them
+
+    def setup(self, ctx: SetupContext) -> None:
+        self.params, self.layout = ctx.params, ctx.layout
+        low = sorted({str(t.dtype) for t in self.layout.like() if t.dtype not in (torch.float32, torch.float64)})
+        if low and self.settings.ogpsa_target == "update" and ctx.is_main:
+            logger.warning(
+                f"ogpsa_target=update: trainable weights in {', '.join(low)} cannot resolve a step's in-span part "
+                "exactly (fp32 master weights can; LLaMA-Factory keeps them unless pure_bf16 is set)"
+            )
+
+    def ready(self) -> bool:
+        return self.basis is not None
+
+    # ---- build --------------------------------------------------------------------------------
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        """Recompute reference gradients at the current weights and orthonormalise them.
+
+        ctx.followup: this build re-measures blocks that had a zero reference gradient at the last
+        one (a LoRA A while B is still 0 gets a gradient once B has taken one step)."""
+        self.basis = None  # free the old basis first: a rebuild then peaks at one basis + one gradient
+        self._coords = {}  # coordinates in the old basis mean nothing in the new one
+        name = BASIS_DTYPES[self.settings.ogpsa_basis_dtype]
+        dtype = getattr(torch, name) if name else None
+        builder = BasisBuilder(self.layout.like(), len(ctx.refs), self.settings.ogpsa_granularity,
+                               reduce=self.layout.reduce, dtype=dtype)
+        norms, tokens = self._fill(builder, ctx)
+        self.basis = builder.finish()
+        spread = rank_spread(self.basis, sharded=self.layout.sharded)
+        if spread != 0.0:
+            logger.warning(f"ogpsa: data-parallel ranks hold different bases (spread {spread:.3e})")
+        zero = {b for b, c in enumerate(self.basis.coords) if c.shape[1] == 0}
+        self.followup_due, self._still_zero = followup_after(zero, self._still_zero, ctx.followup)
+        if self.followup_due and ctx.is_main:
+            logger.info(f"ogpsa: {len(zero)} of {len(self.basis.coords)} blocks had a zero reference gradient at "
+                        f"step {ctx.step} (LoRA's A while B = 0); rebuilding at the next step")
+        event = {"zero_rank_blocks": len(zero), "followup": ctx.followup}
+        event.update({"rank": self.basis.rank(), **self._basis_bytes()})
+        event.update({"params": len(self.params), "param_numel": sum(map(self.layout.full_numel, range(len(self.params))))})
+        event.update({"rank_spread": spread})
+        event.update({f"grad_norm/{n}": v for n, v in norms.items()})
+        event.update(tokens)  # tokens/, input_tokens/, padded_tokens/<set>
+        return event
+
+    def _fill(self, builder: BasisBuilder, ctx: BuildContext) -> tuple[dict, dict]:
+        """Run the reference sets through the model and commit each gradient to `builder`; return the
+        sets' gradient norms and token counts."""
+        device = self.params[0].device
+        layout = self.layout
+        # zero-copy (autograd accumulates into the basis rows) needs whole parameters in their own dtype
+        direct = not layout.sharded and all(r.dtype == p.dtype for r, p in zip(builder.next_row(), self.params))
+        norms, tokens = {}, {}
+        batch_size, bar = ctx.reference_pass("ogpsa rebuild")
+        if direct:
+            grads = reference_gradients(ctx.model, self.params, ctx.refs, ctx.collator, batch_size, device,
+                                        builder.next_row, bar)
+        else:
+            grads = sharded_reference_gradients(ctx.model, self.params, ctx.refs, ctx.collator, batch_size, device,
+                                                builder.next_row, layout, bar)
+        with bar:
+            for g in grads:
+                try:
+                    norms[g.name] = builder.commit(g.name, scale=g.scale / max(g.answer_tokens, 1))
+                except NonFiniteGradient:
+                    raise ReferenceDataError(
+                        f"ogpsa_reference: the gradient of reference set {g.name!r} is not finite at step "
+                        f"{ctx.step} (check the data and the learning rate)"
+                    ) from None
+                tokens[f"tokens/{g.name}"] = g.answer_tokens
+                tokens[f"input_tokens/{g.name}"] = g.input_tokens
+                tokens[f"padded_tokens/{g.name}"] = g.padded_tokens
+        return norms, tokens
+
+    def _basis_bytes(self) -> dict[str, int]:
+        """This rank's basis bytes and, sharded, the total over ranks."""
+        local = self.basis.nbytes()
+        if not self.layout.sharded:
+            return {"basis_bytes": local, "basis_bytes_total": local}
+        total = torch.tensor([float(local)], dtype=torch.float64, device=self.basis.ref_norms.device)
+        return {"basis_bytes": local, "basis_bytes_total": int(self.layout.reduce(total).item())}
+
+    # ---- the step -----------------------------------------------------------------------------
+    def project_grad(self, group: int, measure: bool) -> None:
+        """Project one parameter group's (clipped, synchronised) gradient; note U theta for the update.
+        measure: also record the projected gradient's cosine with each reference gradient."""
+        reduce = self.layout.reduce
+        grads = self.layout.grads(group)
+        self._stats.append(project_(grads, self.basis, self.settings.ogpsa_mode, reduce))
+        if measure:  # measured, not assumed
+            self._stats_after.append(project_(grads, self.basis, "observe", reduce))
+        if self.settings.ogpsa_target == "update" and group not in self._coords:  # once per basis
+            self._coords[group] = span_coordinates(self.layout.weights(group), self.basis, reduce)
+
+    def grad_record(self) -> Optional[dict[str, float]]:
+        """This step's per-group statistics merged into one record (None when the engine skipped the step)."""
+        if not self._stats:
+            return None
+        stats = ProjectionStats.merge(self._stats)
+        record = {
+            "grad_norm": stats.grad_norm,
+            "removed_fraction": stats.removed_fraction,
+            "projected_blocks": stats.projected_blocks,
+        }
+        for name, cos in zip(self.basis.names, stats.cosines):
+            record[f"cos/{name}"] = cos
+        if self._stats_after:
+            after = ProjectionStats.merge(self._stats_after)
+            for name, cos in zip(self.basis.names, after.cosines):
+                record[f"cos_after/{name}"] = cos
+        self._stats, self._stats_after = [], []
+        return record
+
+    def project_step(self, group: int) -> float:
+        """ogpsa_target=update: remove the in-span part of the step the optimizer just took; returns its
+        squared norm."""
+        if self.settings.ogpsa_target != "update" or group not in self._coords:
+            return 0.0
+        in_span, self._coords[group] = project_change_(
+            self.layout.weights(group), self.basis, self._coords[group], self.settings.ogpsa_mode, self.layout.reduce
+        )
+        return in_span**2
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"basis": self.basis.state_dict(), "coords": dict(self._coords), "followup_due": self.followup_due,
+                "still_zero": sorted(self._still_zero)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.basis = SubspaceBasis.from_state_dict(saved["basis"])
+        self._coords = dict(saved["coords"])
+        self.followup_due, self._still_zero = saved["followup_due"], set(saved["still_zero"])
+
+    def identity(self) -> dict[str, Any]:
+        s = self.settings
+        return {"local_numels": [t.numel() for t in self.layout.like()], "granularity": s.ogpsa_granularity,
+                "basis_dtype": s.ogpsa_basis_dtype}
+
+
+def followup_after(zero: set[int], still_zero: set[int], followup: bool) -> tuple[bool, set[int]]:
+    """(rebuild at the next step?, blocks known to stay at rank 0) after a rebuild that left the
+    blocks `zero` without a direction. A follow-up records what is still zero; a scheduled rebuild
+    asks for a follow-up only when a block is zero that was not zero after the last follow-up, so a
+    tensor the reference data never reaches costs one extra rebuild, not one per interval."""
+    if followup:
+        return False, set(zero)
+    return bool(zero - still_zero), still_zero
+
+
+def rank_spread(basis: SubspaceBasis, sharded: bool = False) -> float:
+    """Largest difference across data-parallel ranks of a fingerprint of the basis (0.0 = identical).
+
+    The fingerprint (sums of the coordinates, reference norms and, unless each rank holds only its
+    own piece of the rows, one projection of a fixed vector) is cheap and changes with any
+    difference in the reference gradients or the rows. Each row is reduced in float32 without a
+    float32 copy of it.
+    """
+    if dist.world_size() == 1:
+        return 0.0
+    return dist.spread(basis_fingerprint(basis, rows=not sharded).reshape(1))

@@ -1,0 +1,168 @@
+"""`ogpsa_method: null_space` (NSPO): the constraint that restricts each constrained linear layer's
+weight change to the null space of its inputs on the reference sets (the maths is `nullspace.py`,
+the inputs `activations.py`).
+
+    build                forward the reference sets through the model (no backward), collect each
+                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`);
+                         LoRA: A <- A P at once (B A x then ignores the reference inputs' range)
+    project_grad         each constrained matrix's gradient G <- G P; a constrained layer's trainable
+                         bias gets no gradient (the optimizer skips it: a bias moves every output)
+    project_step         ogpsa_target=update: W <- W P + W_0 (I - P), so the step the optimizer took
+                         (Adam's rescaling, weight decay) lies in the null space too
+
+Parameters outside the constrained layers (embeddings, norms, unconstrained linears) train as in a
+plain run; only the constrained layers' outputs on the reference inputs are held.
+
+Supported engines: one process and DDP (the covariances are summed over ranks, so every rank keeps
+the same null spaces). ZeRO and FSDP2 are refused before launch (`engines.check_arguments`): ZeRO's
+flat partitions cut a weight's rows, and W P needs whole rows; FSDP2's row shards would work but
+are not wired up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .activations import ConstrainedLayer, constrained_layers, input_covariances
+from .constraint import BuildContext, SetupContext
+from .nullspace import LayerSpace, anchor, build_space, project_rows_, restore_
+from .settings import OGPSAArguments, OGPSAConfigError
+from .sharding import Replicated, ShardLayout
+
+
+class NullSpace:
+    """One `LayerSpace` per distinct input of the constrained layers, and the projections onto them."""
+
+    method = "null_space"
+    step_removed_key = "update_in_range_norm"
+    followup_due = False  # a build needs no second look: covariances exist from the first batch
+
+    def __init__(self, settings: OGPSAArguments):
+        self.settings = settings
+        self.params: list[torch.nn.Parameter] = []
+        self.layout: ShardLayout = Replicated([])
+        self.layers: list[ConstrainedLayer] = []
+        self.spaces: list[LayerSpace] = []
+        self._anchors: dict[tuple[int, int], torch.Tensor] = {}  # (layer, matrix) -> W_0 (I - P), ogpsa_target=update
+        self._removed_sq = self._total_sq = 0.0
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def supports(self, layout: ShardLayout) -> Optional[str]:
+        if layout.sharded:
+            return f"{layout.engine}: ogpsa_method=null_space runs on one process or DDP only"
+        return None
+
+    def setup(self, ctx: SetupContext) -> None:
+        self.params, self.layout = ctx.params, ctx.layout
+        self.layers = constrained_layers(ctx.model, self.settings.ogpsa_null_layers)
+        if not self.layers:
+            raise OGPSAConfigError(
+                f"ogpsa_null_layers: {self.settings.ogpsa_null_layers!r} matches no trainable linear layer of this "
+                "model (try 'all_linear', or name layers as in model.named_modules(), e.g. gate_proj,down_proj)"
+            )
+
+    def ready(self) -> bool:
+        return bool(self.spaces)
+
+    # ---- build --------------------------------------------------------------------------------
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        self.spaces, self._anchors = [], {}  # free the old spaces before the covariances are made
+        covariances = self._collect(ctx)
+        tokens = covariances.tokens
+        self.spaces = [build_space(c, self.settings.ogpsa_null_alpha) for c in covariances.matrices]
+        del covariances
+        moved = self._constrain_lora()
+        return self._build_event(moved, tokens)
+
+    def _collect(self, ctx: BuildContext):
+        batch_size, bar = ctx.reference_pass("ogpsa null space")
+        with bar:
+            return input_covariances(ctx.model, self.layers, ctx.refs, ctx.collator, batch_size, self.params[0].device,
+                                     bar, even=self.layout.collective_forward)
+
+    def _constrain_lora(self) -> float:
+        """LoRA: A <- A P, so B A x = 0 on the reference inputs' range whatever B becomes; returns the
+        norm removed (PEFT's random A has a part in that range, so it is > 0 at a stage's start)."""
+        removed_sq = 0.0
+        for layer in self.layers:
+            if not _is_lora(layer):
+                continue
+            for a in layer.matrices:
+                with torch.no_grad():
+                    removed_sq += project_rows_(a.data, self.spaces[layer.space]) ** 2
+        return removed_sq**0.5
+
+    def _build_event(self, moved: float, tokens: dict) -> dict[str, Any]:
+        event: dict[str, Any] = {"method": "null_space"}
+        event.update({"layers": len(self.layers), "spaces": len(self.spaces), "lora_a_moved": moved})
+        event.update({"basis_bytes": sum(s.nbytes() for s in self.spaces)})
+        dims = [s.dim for s in self.spaces]
+        nulls = [s.null_dim for s in self.spaces]
+        event.update({"null_dims": sum(nulls), "input_dims": sum(dims),
+                      "null_fraction": sum(nulls) / max(sum(dims), 1)})
+        # per layer: the null dimension, the fraction of its input energy still reachable, and the bytes
+        # of its (possibly shared) stored basis
+        for layer in self.layers:
+            space = self.spaces[layer.space]
+            event[f"null_dim/{layer.name}"] = space.null_dim
+            event[f"null_energy/{layer.name}"] = space.null_energy
+            event[f"basis_bytes/{layer.name}"] = space.nbytes()
+        for name, t in tokens.items():
+            event[f"input_tokens/{name}"] = t["input"]
+            event[f"padded_tokens/{name}"] = t["padded"]
+        return event
+
+    # ---- the step -----------------------------------------------------------------------------
+    def project_grad(self, group: int, measure: bool) -> None:
+        """G <- G P for every constrained matrix; trainable biases of constrained layers get no step."""
+        removed_sq = total_sq = 0.0
+        with torch.no_grad():
+            for layer in self.layers:
+                space = self.spaces[layer.space]
+                for m in layer.matrices:
+                    if m.grad is None:
+                        continue
+                    total_sq += float(m.grad.float().norm()) ** 2
+                    removed_sq += project_rows_(m.grad, space) ** 2
+                for b in layer.frozen:
+                    b.grad = None  # torch optimizers skip a parameter without a gradient (no decay either)
+        self._removed_sq, self._total_sq = removed_sq, total_sq
+        if self.settings.ogpsa_target == "update" and not self._anchors:  # once per null space
+            self._anchors = {(i, j): anchor(m, self.spaces[layer.space])
+                             for i, layer in enumerate(self.layers) for j, m in enumerate(layer.matrices)}
+
+    def grad_record(self) -> Optional[dict[str, float]]:
+        total = self._total_sq**0.5
+        return {"grad_norm": total, "removed_fraction": (self._removed_sq**0.5) / total if total > 0 else 0.0}
+
+    def project_step(self, group: int) -> float:
+        """ogpsa_target=update: take the part of the optimizer's step outside the null space back out;
+        returns its squared norm."""
+        if self.settings.ogpsa_target != "update" or not self._anchors:
+            return 0.0
+        removed_sq = 0.0
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                for j, m in enumerate(layer.matrices):
+                    removed_sq += restore_(m, self.spaces[layer.space], self._anchors[(i, j)]) ** 2
+        return removed_sq
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"spaces": [s.state_dict() for s in self.spaces], "layer_spaces": [la.space for la in self.layers],
+                "anchors": {f"{i}.{j}": t for (i, j), t in self._anchors.items()}}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.spaces = [LayerSpace.from_state_dict(s) for s in saved["spaces"]]
+        for layer, space in zip(self.layers, saved["layer_spaces"]):
+            layer.space = int(space)
+        self._anchors = {tuple(int(x) for x in k.split(".")): t for k, t in saved["anchors"].items()}
+
+    def identity(self) -> dict[str, Any]:
+        return {"layers": [la.name for la in self.layers], "null_alpha": self.settings.ogpsa_null_alpha}
+
+
+def _is_lora(layer: ConstrainedLayer) -> bool:
+    return hasattr(layer.module, "lora_A")

@@ -1,0 +1,127 @@
+"""The checks before training, in one place: `preflight`.
+
+Used by every way into a run: `llamafactory-cli train` / `ogpsa train` before launch, the recipe
+runner for each stage, LlamaBoard before preview and start, the tuner integration when it builds
+the callback, and the callback's `bind` (which also serves a callback attached by hand). Each
+parses the `ogpsa_*` keys (`settings.split_ogpsa_args`), refuses engines and flags that cannot work
+(`engines.check_arguments`) and checks that the reference sets are registered SFT sets in the run's
+`dataset_info.json`.
+
+Results are remembered for the process: a setting is parsed once, and the same settings with the
+same engine arguments and registry are checked once, however many of those entries a process
+passes through. Only successes are remembered; a failure raises `OGPSAConfigError` (one line, the
+`where` prefix naming the file or stage) every time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+from .engines import UNSUPPORTED_FLAGS, check_arguments
+from .files import dataset_info_path, local_dataset_dir, read_dataset_info
+from .reference import ReferenceDataError
+from .settings import OGPSAArguments, OGPSAConfigError, split_ogpsa_args
+
+# What `engines.check_arguments` reads; only their truth matters, except for the configs' content.
+ENGINE_KEYS = ("deepspeed", "fsdp", "fsdp_config", "pure_bf16", *UNSUPPORTED_FLAGS)
+
+_parsed: dict[str, tuple[Optional[OGPSAArguments], dict[str, Any]]] = {}
+_checked: set[str] = set()
+
+
+def preflight(
+    args: Mapping[str, Any] | Callable[[str], Any],
+    where: str = "",
+    *,
+    settings: Optional[OGPSAArguments] = None,
+    check: bool = True,
+) -> tuple[Optional[OGPSAArguments], Any]:
+    """(OGPSA settings or None, the stock arguments) of a run, checked before anything starts.
+
+    args: a LLaMA-Factory argument dict (YAML keys; its `ogpsa_*` keys are parsed and its OGPSA stage
+    mapped to the stock one in the returned copy), or, with `settings` already parsed, a `get(key)`
+    over LLaMA-Factory's parsed arguments (`dataset_dir` included). check=False only parses (a
+    command line whose stock flags LLaMA-Factory types later; `bind` checks them).
+    """
+    if settings is None:
+        if not isinstance(args, Mapping):
+            raise TypeError("preflight: a getter needs the parsed settings")
+        settings, stock = _parse(args, where)
+        get = stock.get
+        dataset_dir = stock.get("dataset_dir", "data")
+    else:
+        stock = args
+        get = args.get if isinstance(args, Mapping) else args
+        dataset_dir = get("dataset_dir")
+        dataset_dir = "data" if dataset_dir is None else dataset_dir
+    if settings is not None and check:
+        _check(settings, get, dataset_dir, where)
+    return settings, stock
+
+
+def _parse(args: Mapping[str, Any], where: str) -> tuple[Optional[OGPSAArguments], dict[str, Any]]:
+    key = json.dumps(dict(args), sort_keys=True, default=str)
+    if key not in _parsed:
+        _parsed[key] = split_ogpsa_args(dict(args), where)
+    settings, stock = _parsed[key]
+    return settings, (dict(stock) if settings is not None else args)
+
+
+def _check(settings: OGPSAArguments, get: Callable[[str], Any], dataset_dir: Any, where: str) -> None:
+    engine = {k: get(k) or None for k in ENGINE_KEYS}
+    key = json.dumps(
+        [dataclasses.asdict(settings), engine, dataset_dir, os.environ.get("USE_V1"),
+         _stamp(engine["deepspeed"]), _stamp(dataset_info_path(dataset_dir) if local_dataset_dir(dataset_dir) else None)],
+        sort_keys=True, default=str,
+    )
+    if key in _checked:
+        return
+    check_arguments(get, settings, where)  # engine, offload, pure_bf16 + update, USE_V1, ...
+    if isinstance(dataset_dir, str):
+        check_registered(settings.reference_names, dataset_dir, where)
+    _checked.add(key)
+
+
+def _stamp(path: Any) -> Any:
+    """A file's size and modification time, so an edited config or registry is checked again."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def check_registered(names: list[str], dataset_dir: str, where: str = "") -> None:
+    """Fail early, naming the file, when a reference set is not an SFT set in `dataset_info.json`."""
+    path = dataset_info_path(dataset_dir) if local_dataset_dir(dataset_dir) else ""
+    try:
+        info = read_dataset_info(dataset_dir)
+    except FileNotFoundError:
+        raise ReferenceDataError(
+            f"{where}ogpsa_reference: {path} does not exist (dataset_dir: {dataset_dir!r})") from None
+    except json.JSONDecodeError as e:
+        raise ReferenceDataError(f"{where}ogpsa_reference: {path} is not valid JSON ({e})") from None
+    if info is None:
+        return  # resolved by LLaMA-Factory against the Hub; errors surface when loading
+    missing = [n for n in names if n not in info]
+    if missing:
+        raise ReferenceDataError(
+            f"{where}ogpsa_reference: {', '.join(map(repr, missing))} not found in {path} "
+            f"(registered: {', '.join(sorted(info))})"
+        )
+    for n in names:
+        if info[n].get("ranking"):
+            raise ReferenceDataError(
+                f"{where}ogpsa_reference: {n!r} in {path} is a preference (ranking) dataset; use SFT data")
+
+
+def clear() -> None:
+    """Forget what was checked (tests that change files in place within one process)."""
+    _parsed.clear()
+    _checked.clear()
+
+
+__all__ = ["preflight", "check_registered", "clear", "OGPSAConfigError"]
