@@ -1,5 +1,5 @@
-"""Top layer of ogpsa: the `ogpsa` command, LLaMA-Factory activation, the SFT->DPO recipe runner,
-evaluation and reports. Import-light on purpose (imported at interpreter start-up by the `.pth`)."""
+"""Top layer of ogpsa: the `ogpsa` command, the SFT->DPO recipe runner, evaluation and reports;
+`integration/` holds everything that touches LLaMA-Factory's internals. Import-light on purpose (imported at interpreter start-up by the `.pth`)."""
 
 
 def activate() -> None:
@@ -9,6 +9,6 @@ def activate() -> None:
     package was installed without that file (an editable install) and you drive LLaMA-Factory
     from Python, before `llamafactory.train.tuner.run_exp(...)`.
     """
-    from .activation import arm
+    from .integration.hook import arm
 
     arm()

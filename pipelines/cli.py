@@ -18,14 +18,14 @@ USAGE = __doc__
 
 
 def _train(argv: list[str]) -> int:
-    from .activation import arm, run_llamafactory_train
+    from .integration.entry import arm, run_llamafactory_train
 
     arm()
     return run_llamafactory_train(argv)
 
 
 def _data(argv: list[str]) -> int:
-    from ogpsa.data_prep.cli import main as data_main
+    from ..data_prep.cli import main as data_main
 
     return data_main(argv)
 

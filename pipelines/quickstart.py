@@ -30,7 +30,7 @@ def recipe_path(name: str) -> Path:
 
 
 def prepare_smollm2(out: Path) -> tuple[str, str]:
-    from ogpsa.data_prep import demo, smollm2
+    from ..data_prep import demo, smollm2
 
     model = smollm2.convert(out / "model")
     data = out / "data"
@@ -40,7 +40,7 @@ def prepare_smollm2(out: Path) -> tuple[str, str]:
 
 
 def prepare_tiny(out: Path) -> tuple[str, str]:
-    from ogpsa.data_prep import tiny
+    from ..data_prep import tiny
 
     paths = tiny.build(out / "assets")
     return paths["model"], paths["data"]

@@ -19,14 +19,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ogpsa.plugin.engines import check_arguments
-from ogpsa.plugin.settings import PREFIX, OGPSAConfigError, split_ogpsa_args
+from ..plugin.files import dataset_info_path, read_dataset_info
+from ..plugin.files import split_names as _names
+from ..plugin.preflight import preflight
+from ..plugin.settings import PREFIX, OGPSAConfigError
 
 STAGE_TYPES = ("sft", "dpo", "ogpsa_sft", "ogpsa_dpo")
 PREFERENCE_STAGES = ("dpo", "ogpsa_dpo")
@@ -158,12 +159,10 @@ def _stage(index: int, entry: Any, shared: dict, cli: dict, where: str) -> Stage
 
 def _check_stage(spec: StageSpec, where: str) -> None:
     at = f"{where}stage {spec.name!r}: "
-    settings, stock = split_ogpsa_args(spec.args, at)
+    stock = preflight(spec.args, at)[1]  # ogpsa_* keys, engine, reference sets
     unknown = sorted(set(stock) - llamafactory_train_keys())
     if unknown:
         raise RecipeError(f"{at}{', '.join(unknown)}: unknown LLaMA-Factory key(s)")
-    if settings is not None:
-        check_arguments(stock.get, settings, at)  # engine, offload, pure_bf16 + update, ...
     dataset_dir = stock.get("dataset_dir", "data")
     info = _dataset_info(dataset_dir, at)
     if info is None:
@@ -178,12 +177,6 @@ def _check_stage(spec: StageSpec, where: str) -> None:
         if bool(info[name].get("ranking")) != wants_pairs:
             kind = "preference (ranking) data" if wants_pairs else "SFT data, not preference pairs"
             raise RecipeError(f"{at}dataset: {name!r} is not {kind}; a {spec.stage} stage needs {kind}")
-    if settings is not None:
-        for name in settings.reference_names:
-            if name not in info:
-                raise RecipeError(
-                    f"{at}ogpsa_reference: {name!r} not found in {os.path.join(dataset_dir, 'dataset_info.json')}"
-                )
 
 
 def _check_eval(block: Any, where: str) -> None:
@@ -199,21 +192,10 @@ def _check_eval(block: Any, where: str) -> None:
         raise RecipeError(f"{where}eval: {e}") from None
 
 
-def _names(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
-
-
 def _dataset_info(dataset_dir: Any, at: str) -> dict | None:
-    if not isinstance(dataset_dir, str) or dataset_dir == "ONLINE" or dataset_dir.startswith("REMOTE:"):
-        return None  # resolved against the Hub by LLaMA-Factory at run time
-    path = os.path.join(dataset_dir, "dataset_info.json")
+    path = dataset_info_path(dataset_dir) if isinstance(dataset_dir, str) else ""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_dataset_info(dataset_dir)  # None: resolved against the Hub by LLaMA-Factory at run time
     except FileNotFoundError:
         raise RecipeError(f"{at}dataset_dir: {path} does not exist") from None
     except json.JSONDecodeError as e:

@@ -52,7 +52,7 @@ def test_bad_ogpsa_flag_is_one_line_exit_2(tiny, tmp_path):
 
 
 def test_stock_flags_reach_llamafactory_as_typed():
-    from ogpsa.plugin.integration import split_argv
+    from ogpsa.pipelines.integration.tuner import split_argv
 
     argv = ["--stage=ogpsa_sft", "--learning_rate", "1e-5", "--output_dir", "runs/x", "--do_train",
             "--ogpsa_reference", "a,b", "--ogpsa_refresh_steps=3", "--save_strategy", "no"]

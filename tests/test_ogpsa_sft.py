@@ -156,7 +156,7 @@ def test_ogpsa_command_with_overrides(tiny, tmp_path):
 # ---- bad input: one clear line, exit code 2, nothing written to output_dir ---------------------
 
 BAD = {
-    "unknown_reference": ({"ogpsa_reference": "toy_math_ref,nope_ref"}, "nope_ref not found in"),
+    "unknown_reference": ({"ogpsa_reference": "toy_math_ref,nope_ref"}, "'nope_ref' not found in"),
     "keys_on_stock_stage": ({"stage": "sft"}, "need `stage: ogpsa_sft` or `stage: ogpsa_dpo`"),
     "wrong_type": ({"ogpsa_refresh_steps": "often"}, "ogpsa_refresh_steps: expected an integer"),
     "unknown_key": ({"ogpsa_refresh": 3}, "ogpsa_refresh: unknown OGPSA key"),

@@ -7,6 +7,6 @@ Cheap and inert: it only registers a finder that waits for `llamafactory` to be 
 import os
 
 if os.environ.get("OGPSA_DISABLE", "").lower() not in ("1", "true", "yes"):
-    from .activation import arm
+    from .hook import arm
 
     arm()

@@ -1,9 +1,9 @@
-"""Registers the `ogpsa_sft` / `ogpsa_dpo` stages inside LLaMA-Factory's own tuner.
+"""`llamafactory.train.tuner`: the `ogpsa_sft` / `ogpsa_dpo` stages inside LLaMA-Factory's own tuner.
 
 Three small wraps, applied once to the imported `llamafactory.train.tuner` module:
 
 - `_training_function(config)`: when the arguments name an OGPSA stage, split off the `ogpsa_*`
-  keys (validated into `OGPSAArguments`), map the stage to LLaMA-Factory's `sft` / `dpo`, and add
+  keys (checked by `preflight`), map the stage to LLaMA-Factory's `sft` / `dpo`, and add
   an `OGPSACallback` to the callbacks. LLaMA-Factory then runs its own workflow (`run_sft`,
   `run_dpo`) unchanged. Arguments without OGPSA keys pass through untouched.
 - `get_train_args(args)`: hands the parsed LLaMA-Factory arguments to the pending callback (it
@@ -21,12 +21,12 @@ import re
 import typing
 from typing import Any, Optional
 
-from .callback import OGPSACallback
-from .null_callback import NullSpaceCallback
-from .settings import PREFIX, OGPSAArguments, OGPSAConfigError, split_ogpsa_args
+from ...plugin.callback import OGPSACallback
+from ...plugin.preflight import preflight
+from ...plugin.settings import PREFIX, OGPSAArguments, OGPSAConfigError
 
 _PENDING: list[OGPSACallback] = []
-_PATCHED = "__ogpsa_patched__"
+PATCHED = "__ogpsa_patched__"
 
 
 def _flag(token: str) -> tuple[str, str | None]:
@@ -79,7 +79,8 @@ def split_argv(argv: list[str], where: str = "") -> tuple[OGPSAArguments | None,
         stock.append(token)
         i += 1
     stage = stock[stage_at] if stage_at is not None else "sft"
-    settings, mapped = split_ogpsa_args({"stage": stage, **ours}, where)
+    # only the settings here: the stock flags are typed by LLaMA-Factory, then checked by the callback's bind
+    settings, mapped = preflight({"stage": stage, **ours}, where, check=False)
     if settings is None:
         return None, list(argv)
     if stage_at is not None:
@@ -92,18 +93,18 @@ def prepare(args: dict[str, Any] | list[str] | None, callbacks: list | None, whe
     if isinstance(args, list):
         settings, stock = split_argv(args, where)
     elif isinstance(args, dict):
-        settings, stock = split_ogpsa_args(args, where)
+        settings, stock = preflight(args, where)
     else:
         return args, callbacks, None
     if settings is None:
         return args, callbacks, None
-    callback = (NullSpaceCallback if settings.ogpsa_method == "null_space" else OGPSACallback)(settings)
+    callback = OGPSACallback(settings)  # it drives the constraint settings.ogpsa_method names
     return stock, list(callbacks or []) + [callback], callback
 
 
 def patch_tuner(tuner) -> None:
     """Wrap `_training_function` and `get_train_args` of `llamafactory.train.tuner` (idempotent)."""
-    if getattr(tuner, _PATCHED, False):
+    if getattr(tuner, PATCHED, False):
         return
     from llamafactory.hparams import read_args
 
@@ -131,7 +132,7 @@ def patch_tuner(tuner) -> None:
 
     tuner._training_function = _training_function
     tuner.get_train_args = get_train_args
-    setattr(tuner, _PATCHED, True)
+    setattr(tuner, PATCHED, True)
     patch_trainer_log()
 
 
@@ -139,7 +140,7 @@ def patch_trainer_log() -> None:
     """Make `Trainer.log` merge `ogpsa/...` metrics of an attached OGPSACallback (idempotent)."""
     from transformers import Trainer
 
-    if getattr(Trainer.log, _PATCHED, False):
+    if getattr(Trainer.log, PATCHED, False):
         return
     original_log = Trainer.log
 
@@ -151,6 +152,6 @@ def patch_trainer_log() -> None:
                     logs.update(cb.pop_log_metrics())
         return original_log(self, logs, *args, **kwargs)
 
-    setattr(log, _PATCHED, True)
+    setattr(log, PATCHED, True)
     log.__doc__ = original_log.__doc__
     Trainer.log = log

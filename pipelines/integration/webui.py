@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ogpsa.plugin.settings import OGPSA_STAGES, OGPSAConfigError
+from ...plugin.preflight import preflight
+from ...plugin.settings import OGPSA_STAGES, OGPSAConfigError
 
 # Labels in LlamaBoard's stage dropdown; the stock ones are "Supervised Fine-Tuning" and "DPO".
 STAGE_LABELS = {"OGPSA Supervised Fine-Tuning": "ogpsa_sft", "OGPSA DPO": "ogpsa_dpo"}
@@ -78,14 +79,12 @@ def _wrap_initialize(original):
 
 def ogpsa_error(runner, data: dict) -> str:
     """The OGPSA error of the page's training arguments as one line, or "" when they are fine."""
-    from .activation import _validate_stage_args
-
     try:
         args = runner._parse_train_args(data)
     except Exception:  # noqa: BLE001 - a malformed stock field (learning rate "abc"): LlamaBoard reports it
         return ""
     try:
-        _validate_stage_args(args, "")
+        preflight(args)
     except OGPSAConfigError as e:
         return f"ogpsa: error: {e}"
     return ""

@@ -6,7 +6,7 @@ shadow a top-level module name.
 
 import sys
 
-from ogpsa.pipelines.activation import run_worker
+from ogpsa.pipelines.integration.entry import run_worker
 
 if __name__ == "__main__":
     sys.exit(run_worker())
