@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
