@@ -158,19 +158,20 @@ def plan_passes(dims: list[int], budget: int | None = None) -> PassPlan:
     return PassPlan(list(dims), passes)
 
 
-def peak_bytes(plan: PassPlan, kept: list[int]) -> int:
-    """Upper bound on the bytes `input_spaces` holds at once, beyond the model's own forward (its
-    activations for one reference micro-batch) and the hooks' per-batch row copies.
+def peak_bytes(plan: PassPlan, kept: list[int], forward: int = 0) -> int:
+    """Upper bound on the bytes `input_spaces` allocates and holds at once.
 
     kept[s]: the bytes of space s's stored result (`LayerSpace.nbytes()`: 4 d min(k, d - k)).
-    While pass p decomposes its space s, it holds the results of every earlier space, the float32
-    covariances of the spaces of p after s, and s's eigendecomposition (`eigh_bytes`);
-    while p runs its forwards it holds the earlier results and all of p's covariances.
+    forward: what one reference micro-batch's forward allocates at its peak (activations, logits,
+    the hooks' float32 copies of the real rows); 0 leaves it out.
+    While pass p runs its forwards it holds the results of every earlier space and all of p's
+    covariances; while it decomposes its space s, the earlier results, the float32 covariances of
+    the spaces of p after s, and s's eigendecomposition (`eigh_bytes`).
     """
     peak, done = 0, 0
     for spaces in plan.passes:
         waiting = sum(4 * plan.dims[s] ** 2 for s in spaces)
-        peak = max(peak, done + waiting)  # the forwards
+        peak = max(peak, done + waiting + forward)
         for s in spaces:
             waiting -= 4 * plan.dims[s] ** 2
             peak = max(peak, done + waiting + eigh_bytes(plan.dims[s]))
@@ -262,8 +263,8 @@ def input_spaces(model, layers: list[ConstrainedLayer], refs: list[ReferenceSet]
     (`decompose(C)` for each distinct input's covariance C, summed over all samples of all sets and
     ranks, in space order; each set's input and padded token counts; the pass plan).
 
-    `decompose` receives each covariance as its only holder (the list that held it lets go first),
-    so it may free it once it has what it needs. even: every rank runs as many micro-batches (for
+    Nothing else holds a covariance once it is handed to `decompose`, which may therefore release
+    its storage as soon as it has what it needs (`build_space(free_input=True)`). even: every rank runs as many micro-batches (for
     engines with collectives inside forward; no pass then stops its forwards early)."""
     for layer in layers:
         layer.space = -1
@@ -297,7 +298,7 @@ def input_spaces(model, layers: list[ConstrainedLayer], refs: list[ReferenceSet]
                         counts += _count(batch, weight)
                         if progress is not None:
                             progress.update(1)
-                    if not tokens or ref.name not in tokens:
+                    if ref.name not in tokens:  # counted on the first pass
                         _all_reduce_sum([counts])
                         _, real, padded = (int(x) for x in counts.tolist())
                         tokens[ref.name] = {"input": real, "padded": padded}
