@@ -264,8 +264,9 @@ def input_spaces(model, layers: list[ConstrainedLayer], refs: list[ReferenceSet]
     ranks, in space order; each set's input and padded token counts; the pass plan).
 
     Nothing else holds a covariance once it is handed to `decompose`, which may therefore release
-    its storage as soon as it has what it needs (`build_space(free_input=True)`). even: every rank runs as many micro-batches (for
-    engines with collectives inside forward; no pass then stops its forwards early)."""
+    its storage as soon as it has what it needs (`build_space(free_input=True)`).
+    even: every rank runs as many micro-batches (for engines with collectives inside forward; no
+    pass then stops its forwards early). pass_budget: see `plan_passes`."""
     for layer in layers:
         layer.space = -1
     collector = _Collector(layers)

@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
-from .activations import ConstrainedLayer, constrained_layers, input_spaces, peak_bytes, unconstrained_weights
+from .activations import (
+    ConstrainedLayer,
+    constrained_layers,
+    input_spaces,
+    peak_bytes,
+    unconstrained_weights,
+)
 from .callback import OGPSACallback
 from .nullspace import LayerSpace, anchor, build_space, project_rows_, restore_
 from .settings import OGPSAConfigError

@@ -14,8 +14,12 @@ import re
 import pytest
 import torch
 from conftest import base_config, ogpsa_keys, run_cli, tokenized_references
-
-from ogpsa.plugin.activations import constrained_layers, input_spaces, peak_bytes, unconstrained_weights
+from ogpsa.plugin.activations import (
+    constrained_layers,
+    input_spaces,
+    peak_bytes,
+    unconstrained_weights,
+)
 from ogpsa.plugin.nullspace import build_space, project_rows_
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
 
@@ -94,11 +98,10 @@ def test_lora_null_space_with_rebuilds_is_refused_before_launch(tiny, tmp_path):
 def test_a_trained_lora_b_refuses_a_rebuild(tiny):
     """A rebuild's A <- A P is only harmless while B = 0; with a moved B (a resume without a saved null
     space, an adapter trained before) the rebuild refuses before it collects anything."""
+    from ogpsa.plugin.null_callback import NullSpaceCallback
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import TrainerState
-
-    from ogpsa.plugin.null_callback import NullSpaceCallback
 
     model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
@@ -154,7 +157,7 @@ def test_moe_shared_expert_covariances_from_flattened_inputs(moe):
     assert unconstrained_weights(model, "mlp", layers) == []
     sets, make_collator = tokenized_references(moe["model"], moe, REFS, 3)
     collator = make_collator(model)
-    covs, tokens, plan = input_spaces(model, layers, sets, collator, 4, torch.device("cpu"), lambda c: c.clone())
+    covs, tokens, _ = input_spaces(model, layers, sets, collator, 4, torch.device("cpu"), lambda c: c.clone())
     # gate, up and the shared expert's gate read the block's flattened input: one space; down its own
     assert [la.space for la in layers] == [0, 0, 1, 0, 2, 2, 3, 2] and len(covs) == 4
     rows = {la.name: [] for la in layers}
