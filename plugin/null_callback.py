@@ -4,8 +4,9 @@ It inherits the OGPSA callback's set-up, step order, logging and checkpointing (
 replaces what is method-specific:
 
     rebuild              forward the reference sets through the model (no backward), collect each
-                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`);
-                         LoRA: A <- A P at once (B A x then ignores the reference inputs' range)
+                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`),
+                         a few inputs per pass, each covariance freed once decomposed (`activations.py`);
+                         LoRA: A <- A P at once, while B = 0 (B A x then ignores the reference inputs' range)
     project              each constrained matrix's gradient G <- G P; a constrained layer's trainable
                          bias gets no gradient (the optimizer skips it: a bias moves every output)
     optimizer.step()
