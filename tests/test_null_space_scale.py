@@ -47,7 +47,7 @@ def test_alpha_zero_freezes_a_rank_deficient_layer():
 
 # ---- refusals ---------------------------------------------------------------------------------
 REFUSED = {
-    "dora": ({"finetuning_type": "lora", "use_dora": True}, {}, "use_dora: ogpsa_method=null_space does not support DoRA"),
+    "dora": ({"finetuning_type": "lora", "use_dora": True}, {}, "use_dora: ogpsa_method=null_space does not support"),
     "dora_default_lora": ({"use_dora": True}, {}, "use_dora: ogpsa_method=null_space does not support DoRA"),
     "lora_refresh": ({"finetuning_type": "lora"}, {"ogpsa_refresh_steps": 5},
                      "ogpsa_refresh_steps: ogpsa_method=null_space under LoRA builds once (0)"),
@@ -161,8 +161,11 @@ def test_moe_shared_expert_covariances_from_flattened_inputs(moe):
     # gate, up and the shared expert's gate read the block's flattened input: one space; down its own
     assert [la.space for la in layers] == [0, 0, 1, 0, 2, 2, 3, 2] and len(covs) == 4
     rows = {la.name: [] for la in layers}
-    hooks = [la.module.register_forward_hook(lambda m, i, o, n=la.name: rows[n].append(i[0].reshape(-1, i[0].shape[-1])))
-             for la in layers]
+
+    def keep(name):
+        return lambda module, inputs, output: rows[name].append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+
+    hooks = [la.module.register_forward_hook(keep(la.name)) for la in layers]
     with torch.no_grad():
         for ref in sets:
             for f in ref.features:
@@ -213,7 +216,8 @@ def test_moe_lora_null_space_trains_and_holds_the_shared_expert(moe, tmp_path):
     collator = make_collator(model)
     name = "model.layers.1.mlp.shared_expert.down_proj"
     rows = []
-    hook = model.get_submodule(name).register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1])))
+    hook = model.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output: rows.append(inputs[0].reshape(-1, inputs[0].shape[-1])))
     with torch.no_grad():
         for ref in sets:
             for f in ref.features:
