@@ -6,7 +6,8 @@ engines enabled outside the YAML (an `accelerate launch --config_file`, ACCELERA
 ACCELERATE_USE_FSDP in the environment).
 
 Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
-FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, DeepSpeed's bf16
+FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, FSDP2 CPU offload,
+DoRA and LoRA rebuilds (ogpsa_refresh_steps > 0) under the null-space method, DeepSpeed's bf16
 optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), FSDP1, `global` granularity under ZeRO
 (its groups are stepped one at a time), `pure_bf16` with `ogpsa_target: update`, and LLaMA-Factory
 paths that bypass the HF trainer (`use_mca`, `use_hyper_parallel`, USE_V1).
@@ -25,6 +26,8 @@ import torch
 from .settings import OGPSAArguments, OGPSAConfigError
 from .sharding import FSDP2Layout, Replicated, ShardLayout, Zero3Layout, ZeroLayout
 
+FSDP_OFFLOAD_REFUSED = ("CPU offload is not supported by OGPSA stages (the basis and the projection live beside the "
+                        "shards on the accelerator)")
 UNSUPPORTED_FLAGS = ("use_badam", "use_galore", "use_apollo", "use_muon", "use_adam_mini", "use_mca",
                      "use_hyper_parallel")
 
@@ -49,6 +52,8 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             f"{where}{'deepspeed' if config else 'fsdp'}: ogpsa_method=null_space runs on one process or DDP "
             "(ZeRO's flat partitions cut weight rows, and W P needs whole rows; FSDP2 is not wired up)"
         )
+    if settings.ogpsa_method == "null_space":
+        _check_null_space_tuning(get, settings, where)
     if config:
         _check_deepspeed(_load_deepspeed_config(config, where), settings, where)
     if fsdp:
@@ -59,6 +64,25 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
                 f"{where}fsdp: OGPSA supports FSDP2 only (fsdp_config: {{version: 2}}); FSDP1's flat parameters "
                 "are not supported"
             )
+        words = fsdp.split() if isinstance(fsdp, str) else list(fsdp) if isinstance(fsdp, (list, tuple)) else []
+        if "offload" in words:  # the HF option that sets accelerate's cpu_offload
+            raise OGPSAConfigError(f"{where}fsdp: {FSDP_OFFLOAD_REFUSED}; remove 'offload' from fsdp")
+
+
+def _check_null_space_tuning(get: Callable[[str], Any], settings: OGPSAArguments, where: str) -> None:
+    """LoRA variants the null-space constraint cannot hold (A <- A P keeps B A x on the reference inputs)."""
+    if (get("finetuning_type") or "lora") != "lora":  # LLaMA-Factory's default is LoRA
+        return
+    if get("use_dora"):
+        raise OGPSAConfigError(
+            f"{where}use_dora: ogpsa_method=null_space does not support DoRA (its magnitude vector rescales every "
+            "output, on the reference inputs too); use plain LoRA"
+        )
+    if settings.refresh_steps > 0:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_refresh_steps: ogpsa_method=null_space under LoRA builds once (0): a rebuild's A <- A P "
+            "after B has moved would change the model's function; set ogpsa_refresh_steps: 0 or use full fine-tuning"
+        )
 
 
 def _as_dict(value: Any) -> dict:
@@ -121,6 +145,16 @@ def _accelerate_engine() -> str | None:
     return str(getattr(AcceleratorState(), "distributed_type", "")).split(".")[-1]
 
 
+def _accelerate_fsdp_offloads() -> bool:
+    """Whether accelerate's FSDP plugin offloads parameters to the CPU (FSDP2: a CPUOffloadPolicy)."""
+    if _accelerate_engine() != "FSDP":
+        return False
+    from accelerate.state import AcceleratorState
+
+    offload = getattr(getattr(AcceleratorState(), "fsdp_plugin", None), "cpu_offload", None)
+    return type(offload).__name__ == "CPUOffloadPolicy" or bool(getattr(offload, "offload_params", False))
+
+
 def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
            settings: OGPSAArguments) -> ShardLayout:
     """The layout of `params` under the engine that actually runs; refuses unsupported engines."""
@@ -136,6 +170,8 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
     ):
         raise OGPSAConfigError("fsdp: OGPSA supports FSDP2 only (fsdp_config: {version: 2}); FSDP1 is not supported")
     if any(type(p).__name__ == "DTensor" for p in params):
+        if _accelerate_fsdp_offloads():  # e.g. fsdp_offload_params in an accelerate config file
+            raise OGPSAConfigError(f"fsdp: {FSDP_OFFLOAD_REFUSED}")
         layout = _fsdp2_layout(params)
     else:
         layout = Replicated(params)

@@ -3,8 +3,9 @@ weight change to the null space of its inputs on the reference sets (the maths i
 the inputs `activations.py`).
 
     build                forward the reference sets through the model (no backward), collect each
-                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`);
-                         LoRA: A <- A P at once (B A x then ignores the reference inputs' range)
+                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`),
+                         a few inputs per pass, each covariance freed once decomposed (`activations.py`);
+                         LoRA: A <- A P at once, while B = 0 (B A x then ignores the reference inputs' range)
     project_grad         each constrained matrix's gradient G <- G P; a constrained layer's trainable
                          bias gets no gradient (the optimizer skips it: a bias moves every output)
     project_step         ogpsa_target=update: W <- W P + W_0 (I - P), so the step the optimizer took
@@ -25,7 +26,13 @@ from typing import Any, Optional
 
 import torch
 
-from .activations import ConstrainedLayer, constrained_layers, input_covariances
+from .activations import (
+    ConstrainedLayer,
+    constrained_layers,
+    input_spaces,
+    peak_bytes,
+    unconstrained_weights,
+)
 from .constraint import BuildContext, SetupContext
 from .nullspace import LayerSpace, anchor, build_space, project_rows_, restore_
 from .settings import OGPSAArguments, OGPSAConfigError
@@ -62,29 +69,49 @@ class NullSpace:
                 f"ogpsa_null_layers: {self.settings.ogpsa_null_layers!r} matches no trainable linear layer of this "
                 "model (try 'all_linear', or name layers as in model.named_modules(), e.g. gate_proj,down_proj)"
             )
+        loose = unconstrained_weights(ctx.model, self.settings.ogpsa_null_layers, self.layers)
+        if loose:
+            raise OGPSAConfigError(
+                f"ogpsa_null_layers: {loose[0]} ({len(loose)} such weights) is a trainable "
+                f"{_shape(ctx.model, loose[0])} weight of a named block that is not a linear layer (an MoE model's "
+                "fused experts or router); ogpsa_method=null_space cannot constrain it and refuses MoE models whose "
+                "experts or routers train: use LoRA on the linear layers (experts frozen) or ogpsa_method: "
+                "gradient_span"
+            )
 
     def ready(self) -> bool:
         return bool(self.spaces)
 
     # ---- build --------------------------------------------------------------------------------
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        self.check_lora_b(ctx.step)
         self.spaces, self._anchors = [], {}  # free the old spaces before the covariances are made
-        covariances = self._collect(ctx)
-        tokens = covariances.tokens
-        self.spaces = [build_space(c, self.settings.ogpsa_null_alpha) for c in covariances.matrices]
-        del covariances
+        self.spaces, tokens, plan = self._collect(ctx)
         moved = self._constrain_lora()
-        return self._build_event(moved, tokens)
+        event = self._build_event(moved, tokens)
+        # the forward passes it took, and the bound on what it held at once (`activations.peak_bytes`)
+        event.update({"passes": len(plan.passes),
+                      "peak_bytes_bound": peak_bytes(plan, [sp.nbytes() for sp in self.spaces])})
+        return event
 
     def _collect(self, ctx: BuildContext):
         batch_size, bar = ctx.reference_pass("ogpsa null space")
+        alpha = self.settings.ogpsa_null_alpha
+
+        def decompose(cov):  # each covariance is freed as soon as its float64 copy exists
+            return build_space(cov, alpha, free_input=True)
+
         with bar:
-            return input_covariances(ctx.model, self.layers, ctx.refs, ctx.collator, batch_size, self.params[0].device,
-                                     bar, even=self.layout.collective_forward)
+            return input_spaces(ctx.model, self.layers, ctx.refs, ctx.collator, batch_size, self.params[0].device,
+                                decompose, bar, even=self.layout.collective_forward)
 
     def _constrain_lora(self) -> float:
         """LoRA: A <- A P, so B A x = 0 on the reference inputs' range whatever B becomes; returns the
-        norm removed (PEFT's random A has a part in that range, so it is > 0 at a stage's start)."""
+        norm removed (PEFT's random A has a part in that range, so it is > 0 at a stage's start).
+
+        Only while B = 0 (a fresh adapter): once B has moved, A <- A P would change B A x, the model's
+        function, on every input A's removed part reaches. A rebuild then (a resume whose checkpoint
+        has no usable null space, an adapter trained before this stage) is refused (`check_lora_b`)."""
         removed_sq = 0.0
         for layer in self.layers:
             if not _is_lora(layer):
@@ -93,6 +120,17 @@ class NullSpace:
                 with torch.no_grad():
                     removed_sq += project_rows_(a.data, self.spaces[layer.space]) ** 2
         return removed_sq**0.5
+
+    def check_lora_b(self, step: int) -> None:
+        """Refuse a build that would move a trained LoRA (see `_constrain_lora`)."""
+        for layer in self.layers:
+            if _is_lora(layer) and _lora_b_moved(layer):
+                raise OGPSAConfigError(
+                    f"ogpsa_method=null_space: {layer.name}'s LoRA B is not zero at step {step} (a "
+                    "trained adapter, or one not initialised with B = 0), and A <- A P would change the model's "
+                    "function; start from a fresh adapter or resume from a checkpoint of this run that holds its "
+                    "null space"
+                )
 
     def _build_event(self, moved: float, tokens: dict) -> dict[str, Any]:
         event: dict[str, Any] = {"method": "null_space"}
@@ -166,3 +204,15 @@ class NullSpace:
 
 def _is_lora(layer: ConstrainedLayer) -> bool:
     return hasattr(layer.module, "lora_A")
+
+
+def _lora_b_moved(layer: ConstrainedLayer) -> bool:
+    """Whether any LoRA B of the layer is non-zero (PEFT starts B at exactly zero)."""
+    lora_b = getattr(layer.module, "lora_B", None)
+    if not isinstance(lora_b, torch.nn.ModuleDict):
+        return False
+    return any(bool(m.weight.detach().ne(0).any()) for m in lora_b.values() if getattr(m, "weight", None) is not None)
+
+
+def _shape(model: torch.nn.Module, name: str) -> str:
+    return "x".join(str(n) for n in model.get_parameter(name).shape)

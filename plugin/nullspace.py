@@ -62,25 +62,34 @@ class LayerSpace:
                    float(state["largest"]))
 
 
-def build_space(cov: torch.Tensor, alpha: float) -> LayerSpace:
+def build_space(cov: torch.Tensor, alpha: float, free_input: bool = False) -> LayerSpace:
     """The null space of one input covariance C = X^T X (d_in x d_in, symmetric positive semi-definite).
 
-    The eigendecomposition runs in float64: the threshold alpha * lambda_max (5e-5 by default) is
-    within two orders of magnitude of float32 eigensolver error (about d_in * 6e-8 * lambda_max at
-    d_in in the thousands), which would move directions across the threshold at random. The kept
-    basis is stored in float32: the projection's own round-off (~1e-7) is far below alpha.
+    The eigendecomposition runs in float64 on C's device: the threshold alpha * lambda_max (5e-5 by
+    default) is within two orders of magnitude of float32 eigensolver error (about d_in * 6e-8 *
+    lambda_max at d_in in the thousands), which would move directions across the threshold at
+    random. The kept basis is stored in float32: the projection's own round-off (~1e-7) is far below
+    alpha. free_input: release C's storage once its float64 copy exists (the caller is done with it),
+    so the eigendecomposition holds 8 + 8 + 16 bytes per entry (C in float64, the eigenvectors,
+    LAPACK's workspace) and not 4 more.
     """
     c = cov.to(torch.float64)
-    c = (c + c.T) / 2  # float32 accumulation leaves C asymmetric in its last bits; eigh reads one triangle
+    if free_input:
+        cov.set_()  # drops the float32 storage (no other tensor shares it)
+    # eigh reads only the lower triangle: the float32 sums' asymmetry (their last bits) is the same
+    # round-off as the sums' own, and averaging the triangles would cost two more float64 copies
     eigenvalues, eigenvectors = torch.linalg.eigh(c)  # ascending
+    del c
     # C is PSD; negative eigenvalues are round-off around zero, i.e. directions no input reaches.
     eigenvalues = eigenvalues.clamp_min(0.0)
     largest = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
-    null = eigenvalues <= alpha * largest  # ascending: the null directions come first
+    # ascending: the null directions come first. alpha = 0 means frozen: a rank-deficient C has
+    # round-off eigenvalues around zero (some clamped to exactly 0) that `<= 0` would let through
+    null = eigenvalues <= alpha * largest if alpha > 0 else torch.zeros_like(eigenvalues, dtype=torch.bool)
     k = int(null.sum())
     total = float(eigenvalues.sum())
     energy = float(eigenvalues[:k].sum()) / total if total > 0 else 0.0
-    d = c.shape[0]
+    d = eigenvectors.shape[0]
     if k <= d - k:
         kind, vectors = "null", eigenvectors[:, :k]
     else:

@@ -21,16 +21,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
-from .engines import UNSUPPORTED_FLAGS, check_arguments
+from .engines import check_arguments
 from .files import dataset_info_path, local_dataset_dir, read_dataset_info
 from .reference import ReferenceDataError
 from .settings import OGPSAArguments, OGPSAConfigError, split_ogpsa_args
 
-# What `engines.check_arguments` reads; only their truth matters, except for the configs' content.
-ENGINE_KEYS = ("deepspeed", "fsdp", "fsdp_config", "pure_bf16", *UNSUPPORTED_FLAGS)
-
 _parsed: dict[str, tuple[Optional[OGPSAArguments], dict[str, Any]]] = {}
-_checked: set[str] = set()
+_checked: dict[str, list[dict[str, Any]]] = {}
 
 
 def preflight(
@@ -72,22 +69,36 @@ def _parse(args: Mapping[str, Any], where: str) -> tuple[Optional[OGPSAArguments
 
 
 def _check(settings: OGPSAArguments, get: Callable[[str], Any], dataset_dir: Any, where: str) -> None:
-    engine = {k: get(k) or None for k in ENGINE_KEYS}
-    key = json.dumps(
-        [dataclasses.asdict(settings), engine, dataset_dir, os.environ.get("USE_V1"),
-         _stamp(engine["deepspeed"]), _stamp(dataset_info_path(dataset_dir) if local_dataset_dir(dataset_dir) else None)],
-        sort_keys=True, default=str,
-    )
-    if key in _checked:
-        return
-    check_arguments(get, settings, where)  # engine, offload, pure_bf16 + update, USE_V1, ...
+    """Run the checks unless these settings passed them in this process with the same values of every
+    argument the checks read (recorded as they read them) and the same files behind them."""
+    ours = json.dumps([dataclasses.asdict(settings), dataset_dir, os.environ.get("USE_V1"),
+                       _stamp(dataset_info_path(dataset_dir) if local_dataset_dir(dataset_dir) else None)],
+                      sort_keys=True, default=str)
+    for reads in _checked.get(ours, []):
+        if all(_seen(get(k)) == v for k, v in reads.items()):
+            return
+    reads: dict[str, Any] = {}
+
+    def recording_get(key: str) -> Any:
+        value = get(key)
+        reads[key] = _seen(value)
+        return value
+
+    check_arguments(recording_get, settings, where)  # engine, offload, pure_bf16 + update, USE_V1, ...
     if isinstance(dataset_dir, str):
         check_registered(settings.reference_names, dataset_dir, where)
-    _checked.add(key)
+    _checked.setdefault(ours, []).append(reads)
+
+
+def _seen(value: Any) -> Any:
+    """How a checked argument is remembered: False and absent alike (a parsed flag and a YAML without
+    it), a file by its name, size and modification time (an edited config is checked again)."""
+    if value is False:
+        value = None
+    return json.dumps([value, _stamp(value)], sort_keys=True, default=str)
 
 
 def _stamp(path: Any) -> Any:
-    """A file's size and modification time, so an edited config or registry is checked again."""
     if not isinstance(path, str) or not os.path.isfile(path):
         return None
     st = os.stat(path)
