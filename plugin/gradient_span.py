@@ -34,7 +34,7 @@ from .projection import (
     project_change_,
     span_coordinates,
 )
-from .reference import ReferenceDataError, reference_gradients, sharded_reference_gradients
+from .reference import ReferenceDataError, reference_gradients, sharded_reference_gradients, split_groups
 from .settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
 from .sharding import Replicated, ShardLayout
 
@@ -63,6 +63,7 @@ class GradientSpan:
         # rebuild at the next step; blocks still zero then (unused by the reference data) are left alone
         self.followup_due = False
         self._still_zero: set[int] = set()
+        self._groups: tuple[Any, list] = (None, [])  # (the sets, their groups): split once, reused by rebuilds
 
     # ---- set-up -------------------------------------------------------------------------------
     def supports(self, layout: ShardLayout) -> Optional[str]:
@@ -90,7 +91,7 @@ class GradientSpan:
         self._coords = {}  # coordinates in the old basis mean nothing in the new one
         name = BASIS_DTYPES[self.settings.ogpsa_basis_dtype]
         dtype = getattr(torch, name) if name else None
-        builder = BasisBuilder(self.layout.like(), len(ctx.refs), self.settings.ogpsa_granularity,
+        builder = BasisBuilder(self.layout.like(), len(self.groups(ctx.refs)), self.settings.ogpsa_granularity,
                                reduce=self.layout.reduce, dtype=dtype)
         norms, tokens = self._fill(builder, ctx)
         self.basis = builder.finish()
@@ -110,6 +111,12 @@ class GradientSpan:
         event.update(tokens)  # tokens/, input_tokens/, padded_tokens/<set>
         return event
 
+    def groups(self, refs: list) -> list:
+        """The reference gradients' sources: the sets, or r groups of each (ogpsa_directions_per_set)."""
+        if self._groups[0] is not refs:
+            self._groups = (refs, split_groups(refs, self.settings.ogpsa_directions_per_set))
+        return self._groups[1]
+
     def _fill(self, builder: BasisBuilder, ctx: BuildContext) -> tuple[dict, dict]:
         """Run the reference sets through the model and commit each gradient to `builder`; return the
         sets' gradient norms and token counts."""
@@ -119,11 +126,12 @@ class GradientSpan:
         direct = not layout.sharded and all(r.dtype == p.dtype for r, p in zip(builder.next_row(), self.params))
         norms, tokens = {}, {}
         batch_size, bar = ctx.reference_pass("ogpsa rebuild")
+        refs = self.groups(ctx.refs)
         if direct:
-            grads = reference_gradients(ctx.model, self.params, ctx.refs, ctx.collator, batch_size, device,
+            grads = reference_gradients(ctx.model, self.params, refs, ctx.collator, batch_size, device,
                                         builder.next_row, bar)
         else:
-            grads = sharded_reference_gradients(ctx.model, self.params, ctx.refs, ctx.collator, batch_size, device,
+            grads = sharded_reference_gradients(ctx.model, self.params, refs, ctx.collator, batch_size, device,
                                                 builder.next_row, layout, bar)
         with bar:
             for g in grads:
@@ -200,8 +208,11 @@ class GradientSpan:
 
     def identity(self) -> dict[str, Any]:
         s = self.settings
-        return {"local_numels": [t.numel() for t in self.layout.like()], "granularity": s.ogpsa_granularity,
-                "basis_dtype": s.ogpsa_basis_dtype}
+        ident = {"local_numels": [t.numel() for t in self.layout.like()], "granularity": s.ogpsa_granularity,
+                 "basis_dtype": s.ogpsa_basis_dtype}
+        if s.ogpsa_directions_per_set != 1:  # absent at the default: older checkpoints still match
+            ident["directions_per_set"] = s.ogpsa_directions_per_set
+        return ident
 
 
 def followup_after(zero: set[int], still_zero: set[int], followup: bool) -> tuple[bool, set[int]]:

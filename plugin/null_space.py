@@ -96,10 +96,10 @@ class NullSpace:
 
     def _collect(self, ctx: BuildContext):
         batch_size, bar = ctx.reference_pass("ogpsa null space")
-        alpha = self.settings.ogpsa_null_alpha
+        alpha, energy = self.settings.ogpsa_null_alpha, self.settings.ogpsa_null_energy
 
         def decompose(cov):  # each covariance is freed as soon as its float64 copy exists
-            return build_space(cov, alpha, free_input=True)
+            return build_space(cov, alpha, free_input=True, energy=energy)
 
         with bar:
             return input_spaces(ctx.model, self.layers, ctx.refs, ctx.collator, batch_size, self.params[0].device,
@@ -140,12 +140,15 @@ class NullSpace:
         nulls = [s.null_dim for s in self.spaces]
         event.update({"null_dims": sum(nulls), "input_dims": sum(dims),
                       "null_fraction": sum(nulls) / max(sum(dims), 1)})
-        # per layer: the null dimension, the fraction of its input energy still reachable, and the bytes
-        # of its (possibly shared) stored basis
+        # per layer: the null dimension, the fraction of its input energy still reachable, the directions
+        # protected and the energy they hold (what ogpsa_null_energy asks for), and the bytes of its
+        # (possibly shared) stored basis
         for layer in self.layers:
             space = self.spaces[layer.space]
             event[f"null_dim/{layer.name}"] = space.null_dim
             event[f"null_energy/{layer.name}"] = space.null_energy
+            event[f"protected_dim/{layer.name}"] = space.dim - space.null_dim
+            event[f"protected_energy/{layer.name}"] = 1.0 - space.null_energy if space.largest > 0 else 0.0
             event[f"basis_bytes/{layer.name}"] = space.nbytes()
         for name, t in tokens.items():
             event[f"input_tokens/{name}"] = t["input"]
@@ -199,7 +202,10 @@ class NullSpace:
         self._anchors = {tuple(int(x) for x in k.split(".")): t for k, t in saved["anchors"].items()}
 
     def identity(self) -> dict[str, Any]:
-        return {"layers": [la.name for la in self.layers], "null_alpha": self.settings.ogpsa_null_alpha}
+        ident = {"layers": [la.name for la in self.layers], "null_alpha": self.settings.ogpsa_null_alpha}
+        if self.settings.ogpsa_null_energy is not None:  # absent when unset: older checkpoints still match
+            ident["null_energy"] = self.settings.ogpsa_null_energy
+        return ident
 
 
 def _is_lora(layer: ConstrainedLayer) -> bool:

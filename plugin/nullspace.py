@@ -62,8 +62,30 @@ class LayerSpace:
                    float(state["largest"]))
 
 
-def build_space(cov: torch.Tensor, alpha: float, free_input: bool = False) -> LayerSpace:
+def protected_count(eigenvalues: torch.Tensor, energy: float) -> int:
+    """The fewest top eigenvalues (of C, clamped >= 0, any order) whose sum reaches `energy` x the total:
+    GPM's energy criterion (Saha et al., ICLR 2021), ||X_k||_F^2 >= energy ||X||_F^2.
+
+    The energy left free is at least d * eps32 * total: C is a float32 sum, so each eigenvalue is
+    known only to about eps32 * lambda_max, and the directions no input reaches carry round-off
+    eigenvalues of that size. Energy 1 thus protects the numerical range, not those directions too;
+    below 1 - d * eps32 (1 - 5e-4 at d = 4096) the criterion is GPM's exactly.
+    """
+    values = eigenvalues.to(torch.float64).sort(descending=True).values
+    total = float(values.sum())
+    if energy <= 0 or total <= 0:
+        return 0
+    need = min(energy * total, total - values.numel() * torch.finfo(torch.float32).eps * total)
+    reached = values.cumsum(0) >= need
+    return int(reached.to(torch.int8).argmax()) + 1
+
+
+def build_space(cov: torch.Tensor, alpha: float, free_input: bool = False, energy: float | None = None
+                ) -> LayerSpace:
     """The null space of one input covariance C = X^T X (d_in x d_in, symmetric positive semi-definite).
+
+    energy: None keeps the eigenvalues <= alpha * lambda_max (NSPO); a fraction keeps in the null
+    space all but the fewest top directions holding that fraction of C's trace (`protected_count`).
 
     The eigendecomposition runs in float64 on C's device: the threshold alpha * lambda_max (5e-5 by
     default) is within two orders of magnitude of float32 eigensolver error (about d_in * 6e-8 *
@@ -85,8 +107,11 @@ def build_space(cov: torch.Tensor, alpha: float, free_input: bool = False) -> La
     largest = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
     # ascending: the null directions come first. alpha = 0 means frozen: a rank-deficient C has
     # round-off eigenvalues around zero (some clamped to exactly 0) that `<= 0` would let through
-    null = eigenvalues <= alpha * largest if alpha > 0 else torch.zeros_like(eigenvalues, dtype=torch.bool)
-    k = int(null.sum())
+    if energy is not None:
+        k = eigenvalues.numel() - protected_count(eigenvalues, energy)
+    else:
+        null = eigenvalues <= alpha * largest if alpha > 0 else torch.zeros_like(eigenvalues, dtype=torch.bool)
+        k = int(null.sum())
     total = float(eigenvalues.sum())
     energy = float(eigenvalues[:k].sum()) / total if total > 0 else 0.0
     d = eigenvectors.shape[0]

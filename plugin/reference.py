@@ -95,6 +95,26 @@ def tokenize_reference_sets(
     return sets
 
 
+def split_groups(refs: list[ReferenceSet], groups: int) -> list[ReferenceSet]:
+    """Each set cut into `groups` disjoint groups of its samples, set by set (ogpsa_directions_per_set).
+
+    Sample i (sets are sorted longest first) goes to group i mod groups, so the groups are alike in
+    length and the split is the same on every rank and at every rebuild. Group g of set "s" is named
+    "s#g". groups = 1 returns the sets themselves (names, order and batching as without a split).
+    """
+    if groups == 1:
+        return refs
+    out = []
+    for ref in refs:
+        if len(ref) < groups:
+            raise ReferenceDataError(
+                f"ogpsa_directions_per_set: reference set {ref.name!r} has {len(ref)} usable samples, fewer than "
+                f"the {groups} groups asked for"
+            )
+        out += [ReferenceSet(f"{ref.name}#{g}", ref.features[g::groups]) for g in range(groups)]
+    return out
+
+
 # Padded positions a micro-batch may carry per real one. Reference samples vary a lot in length
 # (GSM8K, Alpaca and HHH answers run from tens to hundreds of tokens); a batch that mixes them pads
 # the short ones to the longest, and a rebuild's cost is its padded positions.

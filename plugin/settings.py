@@ -17,8 +17,8 @@ BASIS_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
 DEFAULT_REFRESH = {"ogpsa_sft": 30, "ogpsa_dpo": 5}
 # Keys that mean something to one method only; giving one to the other method is an error, not a no-op.
 METHOD_KEYS = {
-    "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype"),
-    "null_space": ("ogpsa_null_layers", "ogpsa_null_alpha"),
+    "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype", "ogpsa_directions_per_set"),
+    "null_space": ("ogpsa_null_layers", "ogpsa_null_alpha", "ogpsa_null_energy"),
 }
 PREFIX = "ogpsa_"
 
@@ -91,6 +91,16 @@ class OGPSAArguments:
             "memory (inner products still accumulate in float32); 'float32'."
         },
     )
+    ogpsa_directions_per_set: int = field(
+        default=1,
+        metadata={
+            "help": "gradient_span: directions each reference set adds to the subspace. r > 1 splits a set's "
+            "samples into r disjoint groups (sample i, longest first, goes to group i mod r) and orthonormalises "
+            "each group's gradient with the rest, so the protected subspace has up to r x sets directions; "
+            "memory is r x sets x trainable parameters / world size basis entries. 1: one gradient per set "
+            "(the paper)."
+        },
+    )
     ogpsa_reference_batch_size: Optional[int] = field(
         default=None,
         metadata={"help": "Micro-batch size for reference gradients (default: per_device_train_batch_size)."},
@@ -108,7 +118,17 @@ class OGPSAArguments:
         metadata={
             "help": "null_space: an input direction is in the null space when its eigenvalue of the inputs' "
             "uncentred covariance is at most alpha x the largest (NSPO's released value 5e-5). 0 keeps no "
-            "direction (the constrained layers are frozen), 1 keeps all (no constraint)."
+            "direction (the constrained layers are frozen), 1 keeps all (no constraint). Not with ogpsa_null_energy."
+        },
+    )
+    ogpsa_null_energy: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "null_space, instead of ogpsa_null_alpha (as GPM, Saha et al. 2021): per layer, protect the "
+            "fewest input directions (top eigenvectors of the inputs' uncentred covariance) whose eigenvalues "
+            "hold this fraction of the reference inputs' energy (their sum); the rest is the null space. 0.99 "
+            "leaves free directions holding at most 1% of the energy; 1 protects the whole range; 0 protects "
+            "nothing."
         },
     )
 
@@ -192,6 +212,12 @@ def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[OGPSAArgume
     foreign = sorted(k for m, keys in METHOD_KEYS.items() if m != method for k in keys if k in values)
     if foreign:
         raise OGPSAConfigError(f"{where}{', '.join(foreign)}: not used by ogpsa_method={method}")
+    # alpha has a default, so only the keys given tell whether both thresholds were asked for
+    if "ogpsa_null_alpha" in values and values.get("ogpsa_null_energy") is not None:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_null_alpha, ogpsa_null_energy: give one or the other (a ratio to the largest "
+            "eigenvalue, or a fraction of the inputs' energy to protect)"
+        )
     settings = OGPSAArguments(**values, stage=stage)
     validate(settings, where)
     rest["stage"] = OGPSA_STAGES[stage]
@@ -212,6 +238,17 @@ def validate(settings: OGPSAArguments, where: str = "") -> None:
         raise OGPSAConfigError(f"{where}ogpsa_refresh_steps: must be >= 0, got {settings.ogpsa_refresh_steps}")
     if not 0.0 <= settings.ogpsa_null_alpha <= 1.0:
         raise OGPSAConfigError(f"{where}ogpsa_null_alpha: must be in [0, 1], got {settings.ogpsa_null_alpha}")
+    if settings.ogpsa_null_energy is not None and not 0.0 <= settings.ogpsa_null_energy <= 1.0:
+        raise OGPSAConfigError(f"{where}ogpsa_null_energy: must be in [0, 1], got {settings.ogpsa_null_energy}")
+    if settings.ogpsa_directions_per_set < 1:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_directions_per_set: must be >= 1, got {settings.ogpsa_directions_per_set}"
+        )
+    if settings.ogpsa_directions_per_set > settings.ogpsa_reference_samples:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_directions_per_set: {settings.ogpsa_directions_per_set} groups need at least as many "
+            f"samples per set, but ogpsa_reference_samples is {settings.ogpsa_reference_samples}"
+        )
     if not settings.ogpsa_null_layers.strip():
         raise OGPSAConfigError(f"{where}ogpsa_null_layers: 'mlp', 'all_linear' or comma-separated layer names")
     if settings.ogpsa_reference_batch_size is not None and settings.ogpsa_reference_batch_size < 1:
@@ -226,6 +263,7 @@ _DEFAULT_DOCS = {
     "ogpsa_reference": "(required)",
     "ogpsa_refresh_steps": "30 (sft), 5 (dpo); 0 with `null_space`",
     "ogpsa_reference_batch_size": "`per_device_train_batch_size`",
+    "ogpsa_null_energy": "unset (`ogpsa_null_alpha` applies)",
 }
 
 
