@@ -304,7 +304,7 @@ bench_part() {  # bench_part NAME SIZE TARGET
   if [ -z "$REHEARSAL" ]; then
     args="--device cuda --sizes $2 --batch 4 --seq-len 1024 --grad-accum 4 --warmup 2 --steps 5 --ref-samples 100"
   else  # same code path, sizes a shared 2-core machine runs in a minute
-    args="--device cpu --sizes 10m --batch 2 --seq-len 64 --grad-accum 2 --warmup 1 --steps 2 --ref-samples 4"
+    args="--device cpu --sizes 10m --batch 2 --seq-len 32 --grad-accum 2 --warmup 1 --steps 1 --ref-samples 2"
   fi
   part "$1" "'$PY' benchmarks/run.py $args --target $3 --stages sft,dpo --repeats 1 --rebuild-repeats 1 \
     --out '$WORK/bench/$1' --assets '$WORK/bench/_assets'"
