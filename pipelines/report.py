@@ -222,12 +222,15 @@ def markdown_table(runs: list[dict], plain: dict | None = None) -> str:
 
 def pareto_png(runs: list[dict], title: str = "OGPSA: safety vs capability") -> bytes:
     """PNG bytes: refusal rate (harmful, left panel) and over-refusal (benign, right panel) against mean
-    NLL (x, lower is better); one line per run through its stages, its averaging curve dashed."""
+    NLL (x, lower is better); one line per run through its stages, its averaging curve dashed, the
+    frontier's points ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = _rows(runs)
+    frontier(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
     panels = [("refusal_harmful", "safety: refusal rate on harmful prompts (higher is safer ↑)"),
               ("refusal_benign", "over-refusal: refusal rate on benign prompts (lower is better ↓)")]
@@ -244,6 +247,10 @@ def pareto_png(runs: list[dict], title: str = "OGPSA: safety vs capability") -> 
                 color = line.get_color()
                 for (stage, _), x, y in zip(pts, xs, ys):
                     ax.annotate(stage, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
+        ring = [r["m"] for r in rows if r.get("frontier") and r["m"].get(key) is not None]
+        if ring:
+            ax.scatter([m["nll_mean"] for m in ring], [m[key] for m in ring], s=180, facecolors="none", edgecolors="black",
+                       linewidths=1.2, zorder=3, label="frontier (refusal vs NLL)")
         if not ax.lines:
             ax.text(0.5, 0.5, "no run has both this rate and NLL", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("capability: mean answer NLL across sources (nats/token, lower is better ←)")
