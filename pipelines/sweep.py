@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="sweep folder (default runs/sweep_<recipe name>)")
     p.add_argument("--average", default=DEFAULT_AVERAGE, help=f"weight-averaging weights for the plain run (default {DEFAULT_AVERAGE}; none: no curve)")
     try:
-        args = p.parse_args(argv)
+        args = p.parse_intermixed_args(argv)  # overrides may follow --grid
     except SystemExit as exc:  # usage errors exit 2, --help exits 0
         return int(exc.code or 0)
     out = Path(args.out or f"runs/sweep_{Path(args.recipe).stem}").expanduser().resolve()

@@ -53,7 +53,7 @@ def test_a_method_and_its_settings_in_one_grid(assets, tmp_path, capsys):
     runs = sweep.plan(RECIPE, sweep.parse_grid(["ogpsa_method=null_space", "ogpsa_null_alpha=1e-5,5e-5"]), [], tmp_path / "s")
     assert [r.recipe.stages[1].args["ogpsa_null_alpha"] for r in runs[1:]] == [1e-5, 5e-5]
     args = [RECIPE, "--out", str(tmp_path / "s"), "--grid", "ogpsa_method=null_space,gradient_span",
-            "--grid", "ogpsa_null_alpha=1e-4"]
+            "--grid", "ogpsa_null_alpha=1e-4", "seed=7"]  # a plain override may follow the grid
     assert sweep.main(args) == 2
     err = capsys.readouterr().err
     assert "--grid ogpsa_null_alpha=1e-4:" in err and "ogpsa_null_alpha: not used by ogpsa_method=gradient_span" in err
