@@ -138,7 +138,7 @@ def score_pairs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg:
             else:
                 picked = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[rows_t, pos_t]
             nll = torch.nn.functional.cross_entropy(picked.float(), target_t, reduction="none")
-        sums = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, rows_t, nll.double())
+        sums = torch.zeros(len(seqs), dtype=torch.float32, device=device).index_add_(0, rows_t, nll)
         counts = torch.bincount(rows_t, minlength=len(seqs))
         for row, i in enumerate(idx):
             out[i] = (float(sums[row]), int(counts[row]))
