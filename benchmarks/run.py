@@ -55,13 +55,17 @@ SIZES = {
     "10m": {"hidden": 256, "layers": 8, "inter": 1024, "heads": 4, "kv": 2, "vocab": 8192},
     "50m": {"hidden": 512, "layers": 11, "inter": 2048, "heads": 8, "kv": 2, "vocab": 16384},
     "150m": {"hidden": 768, "layers": 14, "inter": 3072, "heads": 12, "kv": 4, "vocab": 32768},
-    "500m": {"hidden": 896, "layers": 24, "inter": 4864, "heads": 14, "kv": 2, "vocab": 151936},  # Qwen2-0.5B
+    "500m": {"hidden": 896, "layers": 24, "inter": 4864, "heads": 14, "kv": 2, "vocab": 151936},  # Qwen2(.5)-0.5B
+    "1.5b": {"hidden": 1536, "layers": 28, "inter": 8960, "heads": 12, "kv": 2, "vocab": 151936},  # Qwen2.5-1.5B
 }
 PAPER_K = {"sft": 30, "dpo": 5}
 REFS = ["bench_math_ref", "bench_general_ref", "bench_hhh_ref"]
 TARGET_PROJ_PCT = 3.0
 TARGET_REBUILD_RATIO = 1.2
 TARGET_FLAT_PP = 1.0  # "flat": no size's projection % exceeds the smallest size's by more than this
+# Memory bound: OGPSA's peak <= the plain run's peak + the basis + one float32 tensor the size of the
+# largest trainable parameter (the scratch of one tensor's projection or upcast, never a whole gradient)
+SCRATCH_BYTES_PER_ELEMENT = 4
 LARGE_COPY = 4096  # elements: the .tolist() packs m + 3 floats; a basis or gradient slice is far larger
 
 ENV = {
@@ -458,6 +462,7 @@ def make_timer(rec: Recorder):
             rec.extra["basis_tensors"] = len(cb.constraint.basis.directions)
             rec.extra["basis_full_rank_tensors"] = sum(1 for d in cb.constraint.basis.directions if d.shape[0] == len(cb.refs))
             rec.extra["trainable_numel"] = sum(p.numel() for p in cb.params)
+            rec.extra["largest_tensor_numel"] = max(p.numel() for p in cb.params)
             rec.extra["trainable_tensors"] = len(cb.params)
             rec.extra["basis_dtype"] = str(cb.constraint.basis.directions[0].dtype)
             rec.extra["ref_batches"] = sum(-(-len(r.features) // self._bs(cb, args)) for r in cb.refs)
@@ -608,7 +613,7 @@ def one_run(opts, model_dir, data_dir, stage, ogpsa, out_dir) -> dict:
             "profile": rec.profile,
         })
         for key in ("basis_bytes", "basis_rank", "basis_tensors", "basis_full_rank_tensors", "trainable_numel",
-                    "trainable_tensors", "basis_dtype", "ref_batches", "ref_tokens", "ref_input_tokens",
+                    "largest_tensor_numel", "trainable_tensors", "basis_dtype", "ref_batches", "ref_tokens", "ref_input_tokens",
                     "ref_padded_tokens"):
             result[key] = rec.extra.get(key)
     rec.callback = None
@@ -664,6 +669,7 @@ def summarise(raw: dict, sizes: list[str], opts) -> list[dict]:
                 "no_copy": all((r["ogpsa"]["profile"] or {}).get("ok", False) for r in ok),
             })
             row.update(_per_token(ok, reb))
+            row.update(_memory_bound(row, ok[0]["ogpsa"]))
             row["pass_projection"] = row["projection_pct"] is not None and row["projection_pct"] <= TARGET_PROJ_PCT
             row["pass_rebuild"] = row["rebuild_ratio"] is not None and row["rebuild_ratio"] <= TARGET_REBUILD_RATIO
             rows.append(row)
@@ -678,6 +684,16 @@ def summarise(raw: dict, sizes: list[str], opts) -> list[dict]:
         for r in mine:
             r["pass_flat"] = verdict
     return rows
+
+
+def _memory_bound(row: dict, ogpsa: dict) -> dict:
+    """OGPSA's peak against plain + basis + one float32 tensor of the largest trainable parameter."""
+    largest, basis = ogpsa.get("largest_tensor_numel"), row.get("basis_bytes")
+    if not largest or basis is None or row.get("peak_plain_mb") is None:
+        return {"peak_bound_mb": None, "scratch_mb": None, "pass_memory": None}
+    scratch = largest * SCRATCH_BYTES_PER_ELEMENT / 2**20
+    bound = row["peak_plain_mb"] + basis / 2**20 + scratch
+    return {"peak_bound_mb": bound, "scratch_mb": scratch, "pass_memory": row["peak_ogpsa_mb"] <= bound}
 
 
 def _per_token(ok: list[dict], rebuild_s: list) -> dict:
@@ -755,6 +771,13 @@ def markdown(raw: dict, rows: list[dict]) -> str:
             notes.append(f"- amortised: {r['amortised_note']}.")
             break
     notes.append(f"- no H/D copy: {raw.get('copy_check_method', '-')}.")
+    bounds = [r for r in rows if r.get("peak_bound_mb") is not None]
+    if bounds:
+        notes.append("- memory bound (peak OGPSA <= peak plain + basis + one float32 tensor of the largest trainable "
+                     "parameter): " + "; ".join(
+                         f"{r['size']} {r['stage']} {r['peak_ogpsa_mb']:.0f} <= {r['peak_plain_mb']:.0f} + "
+                         f"{r['basis_mb']:.0f} + {r['scratch_mb']:.0f} = {r['peak_bound_mb']:.0f} MB "
+                         f"{_verdict(r['pass_memory'])}" for r in bounds) + ".")
     notes.append(f"- reference answer lengths: {s.get('ref_lengths', 'equal')} (spread: as real GSM8K/Alpaca/HHH, "
                  "scaled to cutoff_len); per-token columns divide by real (non-padding) tokens.")
     for pair in ("sft", "dpo"):
@@ -776,7 +799,7 @@ def markdown(raw: dict, rows: list[dict]) -> str:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None, help=f"comma-separated presets from {list(SIZES)} (CPU default 10m,50m; "
-                                                 "CUDA default 150m,500m)")
+                                                 "CUDA default 150m,500m; 500m and 1.5b are Qwen2.5-0.5B/1.5B shapes)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per size (3; --quick: 1)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (CPU 4, CUDA 30; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps dropped (CPU 1, CUDA 5; quick 1)")
@@ -795,6 +818,9 @@ def parse(argv=None):
     p.add_argument("--rebuild-repeats", type=int, default=None, help="rebuild/raw pairs timed at the end of each OGPSA run (CPU 1, CUDA 3)")
     p.add_argument("--stages", default="sft,dpo", help="stage pairs to run: sft, dpo or both")
     p.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.md)")
+    p.add_argument("--assets", default=None, help="folder for the built tokenizer, data and models (default "
+                                                  "<out>/_assets; share it between runs of the same --seq-len and "
+                                                  "--ref-samples to build each model once)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 2 timed steps, small data")
     opts = p.parse_args(argv)
     return opts
@@ -840,7 +866,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("HF_DATASETS_CACHE", str(out / "_assets" / "hf_datasets_cache"))
+    assets = Path(opts.assets).resolve() if opts.assets else out / "_assets"
+    os.environ.setdefault("HF_DATASETS_CACHE", str(assets / "hf_datasets_cache"))
 
     import torch
     import transformers
@@ -859,7 +886,6 @@ def main(argv=None) -> int:
 
     _logging.getLogger("llamafactory").setLevel(_logging.WARNING)
 
-    assets = out / "_assets"
     from ogpsa.data_prep import tiny
 
     tiny_paths = tiny.build(assets / "tiny")
@@ -880,7 +906,9 @@ def main(argv=None) -> int:
         },
         "paper_K": PAPER_K,
         "targets": {"projection_pct_max": TARGET_PROJ_PCT, "rebuild_ratio_max": TARGET_REBUILD_RATIO,
-                    "flat_pp": TARGET_FLAT_PP},
+                    "flat_pp": TARGET_FLAT_PP,
+                    "memory_bound": "peak ogpsa <= peak plain + basis + largest trainable tensor x "
+                                    f"{SCRATCH_BYTES_PER_ELEMENT} bytes"},
         "memory_method": None,
         "params": {},
         "model_presets": {s: SIZES[s] for s in opts.sizes},
@@ -935,6 +963,7 @@ def finish(raw: dict, opts, out: Path, partial: bool) -> tuple[str, list[dict]]:
         "projection_pct": all(r.get("pass_projection") for r in rows) if rows else None,
         "rebuild_ratio": all(r.get("pass_rebuild") for r in rows) if rows else None,
         "no_copy": all(r.get("no_copy") for r in rows) if rows else None,
+        "memory_bound": all(r.get("pass_memory") for r in rows) if rows else None,
         "flat": (None if all(r.get("pass_flat") is None for r in rows)
                  else all(r.get("pass_flat") is not False for r in rows)),
     }

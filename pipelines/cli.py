@@ -5,6 +5,7 @@
     ogpsa data {saferlhf,refsets,tiny,smollm2} ...   data preparation (see `ogpsa data -h`)
     ogpsa eval MODEL [--out FILE] ...         safety / capability evaluation
     ogpsa report DIR [DIR ...]                markdown table and Pareto plot of runs
+    ogpsa sweep RECIPE --grid KEY=V1,V2 ...   a recipe over a grid of settings, evaluated, one report
     ogpsa quickstart [--out DIR]              the README's first command
 
 Each subcommand parses its own flags; errors print one line naming the file or key and exit 2.
@@ -42,13 +43,19 @@ def _report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+def _sweep(argv: list[str]) -> int:
+    from .sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import main as quick_main
 
     return quick_main(argv)
 
 
-COMMANDS = {"train": _train, "data": _data, "eval": _eval, "report": _report, "quickstart": _quickstart}
+COMMANDS = {"train": _train, "data": _data, "eval": _eval, "report": _report, "sweep": _sweep, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,9 @@ table and Pareto plot) printed. About 20 minutes on 2 CPU cores (docs/results.md
 the same flow on the tiny random Qwen2 and toy data in about two minutes (a smoke test, not a result).
 `--with-null-space` adds a third run, the same recipe with `ogpsa_method: null_space` (NSPO's
 constraint: MLP layers' outputs on the reference inputs held, null space built once per stage), in
-`<out>/null_space`. Every pipeline resumes: rerunning the command skips what is done.
+`<out>/null_space`. Every pipeline resumes: rerunning the command skips what is done. The report
+adds weight averaging of the plain run (0.25, 0.5, 0.75 of the way from the starting model to plain's
+result, built once under `<out>/plain/averages/`) and the tax each run avoids against plain.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             return code
     runs = [str(out / d) for d in ("plain", "ogpsa", "ogpsa_gradient", "null_space")
             if (out / d / "pipeline.json").is_file()]
-    md, png, table = make_report(runs, str(out / "report"))
+    # the weight-averaging curve between the starting model and plain's result: the baseline to beat
+    plain = [r for r in runs if Path(r).name == "plain"]
+    md, png, table = make_report(runs, str(out / "report"), [0.25, 0.5, 0.75] if plain else None, plain)
     print(table)
     print(f"\nreport: {md}\nplot:   {png}")
     return 0

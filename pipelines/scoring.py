@@ -97,31 +97,59 @@ def _fit(prompt_ids: list[int], resp_ids: list[int], cutoff: int) -> tuple[list[
 
 
 def score_pairs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], cfg: EvalConfig, desc: str) -> list[tuple[float, int]]:
-    """(summed NLL of the response ids, their count) for every (prompt_ids, response_ids) pair."""
+    """(summed NLL of the response ids, their count) for every (prompt_ids, response_ids) pair.
+
+    The vocabulary head runs only on the positions that predict a response token: the model's own
+    forward with `logits_to_keep` set to the span of those positions in the batch (so final-logit
+    scaling or soft-capping stays the model's), and only the wanted rows of that span are upcast to
+    float32 for the log-softmax. Long prompts with short answers (the HHH probes) therefore cost
+    the transformer body, not a full-vocabulary float32 head over every prompt token.
+    """
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
+    keeps_logits = _accepts_logits_to_keep(model)
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
     out: list = [None] * len(pairs)
     for idx in _batches(order, cfg.batch_size, desc, cfg.progress):
         seqs = [_fit(*pairs[i], cfg.cutoff_len) for i in idx]
         width = max(len(p) + len(r) for p, r in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        rows, positions, targets = [], [], []  # position t predicts token t + 1
         for row, (p, r) in enumerate(seqs):
             ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-            labels[row, len(p) : len(p) + len(r)] = torch.tensor(r)
             mask[row, : len(p) + len(r)] = 1
+            rows += [row] * len(r)
+            positions += range(len(p) - 1, len(p) + len(r) - 1)
+            targets += r
+        # an empty prompt leaves the first response token unpredicted (position -1): not scored
+        scored = [k for k, t in enumerate(positions) if t >= 0]
+        rows_t = torch.tensor([rows[k] for k in scored], dtype=torch.long, device=device)
+        pos_t = torch.tensor([positions[k] for k in scored], dtype=torch.long, device=device)
+        target_t = torch.tensor([targets[k] for k in scored], dtype=torch.long, device=device)
+        first = int(pos_t.min()) if len(scored) else 0
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-        valid = shift_labels != -100
+            if keeps_logits:
+                # logits for positions first .. width-1 only: the span ends at the last position
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=width - first).logits
+                picked = logits[rows_t, pos_t - first]
+            else:
+                picked = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[rows_t, pos_t]
+            nll = torch.nn.functional.cross_entropy(picked.float(), target_t, reduction="none")
+        sums = torch.zeros(len(seqs), dtype=torch.float32, device=device).index_add_(0, rows_t, nll)
+        counts = torch.bincount(rows_t, minlength=len(seqs))
         for row, i in enumerate(idx):
-            out[i] = (float(nll[row][valid[row]].sum()), int(valid[row].sum()))
+            out[i] = (float(sums[row]), int(counts[row]))
     return out
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (every causal LM of recent transformers does)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def generate(model, tokenizer, template, prompts: list[str], cfg: EvalConfig, desc: str) -> list[str]:

@@ -69,6 +69,10 @@ def test_quick_benchmark_writes_sane_numbers(quick_run):
         for key in ("rebuild_ms_per_ktok", "plain_ms_per_ktok", "per_token_ratio"):
             assert _finite_positive(r[key]), (r["stage"], key, r[key])
         assert 1.0 <= r["ref_pad_ratio"] <= 1.3 and r["train_pad_ratio"] >= 1.0
+        # memory bound: plain + basis + one float32 tensor of the largest trainable parameter
+        assert isinstance(r["pass_memory"], bool)
+        assert r["peak_bound_mb"] == pytest.approx(r["peak_plain_mb"] + r["basis_mb"] + r["scratch_mb"])
+        assert r["scratch_mb"] * 2**20 == 4 * raw["runs"]["10m"][r["stage"]][0]["ogpsa"]["largest_tensor_numel"]
 
     for pair in ("sft", "dpo"):
         (rep,) = raw["runs"]["10m"][pair]
@@ -98,7 +102,7 @@ def test_summary_verdicts_and_flatness():
         plain = {"step_ms_median": plain_ms, "peak_bytes": 2**30}
         ogpsa = {"step_ms_median": ogpsa_ms, "projection_ms_median": proj_ms, "rebuild_s_median": rebuild_s,
                  "raw_fwd_bwd_s_median": raw_s, "step_incl_rebuild_ms_mean": ogpsa_ms, "peak_bytes": 2**31,
-                 "basis_bytes": 3 * 4 * 10, "trainable_numel": 10, "profile": {"ok": ok}}
+                 "basis_bytes": 3 * 4 * 10, "trainable_numel": 10, "largest_tensor_numel": 2**26, "profile": {"ok": ok}}
         return {"plain": plain, "ogpsa": ogpsa}
 
     raw = {
@@ -121,6 +125,8 @@ def test_summary_verdicts_and_flatness():
     assert not sft50["no_copy"] and dpo50["no_copy"]
     assert sft10["pass_flat"] is False and sft50["pass_flat"] is False  # 2% -> 4%: grows with size
     assert dpo10["pass_flat"] is True and dpo50["pass_flat"] is True  # 1% -> 1%
+    # peak 2 GiB against plain 1 GiB + basis 120 bytes + one float32 tensor of 2^26 elements (256 MiB)
+    assert sft10["peak_bound_mb"] == pytest.approx(1024 + 120 / 2**20 + 256) and sft10["pass_memory"] is False
     table = bench.table(list(rows.values()))
     assert table.splitlines()[0] == bench.HEADER
     assert "MISS" in table and "PASS" in table

@@ -95,6 +95,48 @@ def test_nll_does_not_depend_on_batching(assets):
     assert gen1 == gen4  # left padding does not change greedy outputs
 
 
+def _reference_score_pairs(model, tokenizer, pairs, cfg):
+    """The scoring as it was before the head ran on the answer positions only: the full-vocabulary
+    head over every position, upcast to float32, cross-entropy on the response labels."""
+    import torch
+
+    pad, out = tokenizer.pad_token_id, []
+    for i in range(0, len(pairs), cfg.batch_size):
+        seqs = [scoring._fit(p, r, cfg.cutoff_len) for p, r in pairs[i : i + cfg.batch_size]]
+        width = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (p, r) in enumerate(seqs):
+            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+            labels[row, len(p) : len(p) + len(r)] = torch.tensor(r)
+            mask[row, : len(p) + len(r)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        valid = labels[:, 1:] != -100
+        out += [(float(nll[row][valid[row]].sum()), int(valid[row].sum())) for row in range(len(seqs))]
+    return out
+
+
+@pytest.mark.parametrize("full_head", [False, True], ids=["logits_to_keep", "no_logits_to_keep"])
+def test_answer_only_head_equals_the_full_head(assets, monkeypatch, full_head):
+    """Scoring with the head on the answer positions only gives the full-head NLLs to float32
+    tolerance: long and short prompts mixed in one batch, an empty prompt, an answer cut at cutoff_len."""
+    if full_head:  # a model whose forward has no logits_to_keep: the full head, still only the answer rows upcast
+        monkeypatch.setattr(scoring, "_accepts_logits_to_keep", lambda model: False)
+    cfg = EvalConfig(batch_size=4, cutoff_len=48, progress=False)
+    model, tok, tpl = scoring.load_model(Path(assets["model"]), cfg)
+    rows, _ = probes.load_probes("toy_general_eval", EvalConfig(dataset_dir=assets["data"]), set(), True)
+    pairs = [scoring.encode_prompt(tpl, tok, " ".join([p["prompt"]] * (1 + k % 4)), p["answer"]) for k, p in enumerate(rows)]
+    pairs += [([], pairs[0][1]), (pairs[1][0], pairs[1][1] * 30)]  # no prompt; an answer longer than cutoff_len
+    ref = _reference_score_pairs(model, tok, pairs, cfg)
+    new = scoring.score_pairs(model, tok, pairs, cfg, "new")
+    assert [n for _, n in new] == [n for _, n in ref] and ref[-2][1] == len(pairs[0][1]) - 1
+    for (a, _), (b, _) in zip(new, ref):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+
+
 def test_answer_tokens_only_scored(assets):
     cfg = EvalConfig(template="qwen")
     from transformers import AutoTokenizer

@@ -170,6 +170,11 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert [s["stage"] for s in plain["stages"]] == ["sft", "dpo"]
     assert [s["stage"] for s in ogpsa["stages"]] == ["ogpsa_sft", "ogpsa_dpo"]
     assert "ogpsa" not in plain["stages"][0]["metrics"] and ogpsa["stages"][0]["metrics"]["ogpsa"]["rebuilds"] > 0
+    # the weight-averaging curve of the plain run, and the tax avoided against plain
+    for w in ("0.25", "0.5", "0.75"):
+        assert f"| plain (tiny_sft_dpo) · average | {w}×dpo |" in report
+        assert (tmp_path / "qs" / "plain" / "averages" / f"dpo_w{w}" / "eval.json").is_file()
+    assert "tax avoided math" in report and "Δ refusal vs plain (probes)" in report
 
 
 @pytest.mark.scaleout  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
