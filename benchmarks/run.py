@@ -46,7 +46,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ogpsa.data_prep.common import write_atomic, write_json_atomic
+from ogpsa.plugin.files import write_atomic, write_json_atomic
 
 # Model presets: random-initialised Qwen2 (tied embeddings), parameter counts close to the names.
 # The vocabulary is larger than the toy tokenizer's (as Qwen's own 151936 > len(tokenizer)):
@@ -239,7 +239,7 @@ def build_model(root: Path, size: str, tokenizer_dir: str, dtype_name: str) -> t
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype_name))
     params = sum(p.numel() for p in model.parameters())
-    from ogpsa.data_prep.common import atomic_dir
+    from ogpsa.plugin.files import atomic_dir
 
     with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ogpsa.data_prep.common import atomic_dir, write_json_atomic
+from ..plugin.files import atomic_dir, write_json_atomic
 
 from .eval_config import EvalConfig, EvalError
 from .identity import eval_identity

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -42,8 +41,9 @@ import sys
 import typing
 from pathlib import Path
 
-from ogpsa.data_prep.common import write_json_atomic
-from ogpsa.plugin.settings import PREFIX, OGPSAConfigError
+from ..plugin.files import short_hash as _sha
+from ..plugin.files import write_json_atomic
+from ..plugin.settings import PREFIX, OGPSAConfigError
 
 from .eval_config import EvalError
 from .identity import eval_identity, stage_identity, stage_inputs
@@ -196,10 +196,6 @@ def _check_type(key: str, value, where: str) -> None:
 
 
 # -------------------------------------------------------------------------------- stage reuse
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def portable_keys(recipe: Recipe) -> list[str]:

@@ -1,15 +1,17 @@
 """File and text helpers shared by the plugin and the pipelines (standard library only).
 
-Atomic writes (readers see the old file or the new one, never half of one), short content hashes,
+Atomic writes and folders (readers see the old file or the new one, never half of one), short content hashes,
 the one reader of a run's `dataset_info.json`, comma-separated name lists and prompt normalisation.
 `ogpsa.data_prep` keeps its own copies: it imports no training code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """`obj` as indented JSON (keys sorted for a dict; a value JSON cannot hold, as its str), atomically."""
     text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict), default=str) + "\n"
     return write_atomic(path, text)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike):
+    """Yield a temp folder next to `target`; on success it replaces `target`, on error it vanishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def short_hash(obj: Any) -> str:

@@ -12,7 +12,7 @@ import pytest
 from pathlib import Path
 
 from ogpsa.data_prep import tiny
-from ogpsa.data_prep.common import norm_text, write_atomic
+from ogpsa.plugin.files import norm_text, write_atomic
 from ogpsa.pipelines import evaluate, probes, report, scoring
 from ogpsa.pipelines.eval_config import EvalConfig, EvalError
 from ogpsa.pipelines.refusal import is_refusal
