@@ -3,7 +3,7 @@
 falls, for the null space by ratio (`ogpsa_null_alpha`) and by energy (`ogpsa_null_energy`), and
 for the gradient span with 1, 2 and 4 directions per reference set (`ogpsa_directions_per_set`).
 
-    python benchmarks/strength_knobs.py --out runs/knobs       # ~10 runs of the tiny model, a few minutes on CPU
+    python benchmarks/strength_knobs.py --out runs/knobs       # 10 runs of the tiny model, ~12 min on 2 busy cores
 
 Every run is stock `llamafactory-cli train` (full fine-tuning of the random tiny Qwen2 from
 `data_prep/tiny.py` on `toy_safety_sft`, AdamW, the same seed), differing only in the `ogpsa_*`
@@ -40,6 +40,13 @@ RUNS = {
     "gradient span, r = 1 (default)": {"ogpsa_method": "gradient_span"},
     "gradient span, r = 2": {"ogpsa_method": "gradient_span", "ogpsa_directions_per_set": 2},
     "gradient span, r = 4": {"ogpsa_method": "gradient_span", "ogpsa_directions_per_set": 4},
+    # a rebuild every step: whether more directions help once the subspace stays current
+    "gradient span, r = 1, rebuilt every step": {"ogpsa_method": "gradient_span", "ogpsa_refresh_steps": 1},
+    "gradient span, r = 4, rebuilt every step": {"ogpsa_method": "gradient_span", "ogpsa_directions_per_set": 4,
+                                                 "ogpsa_refresh_steps": 1},
+    # the null space on every linear layer (attention too), not only the MLP (the measurement's pointer)
+    "null space, energy 0.99, all linear layers": {"ogpsa_method": "null_space", "ogpsa_null_energy": 0.99,
+                                                   "ogpsa_null_layers": "all_linear"},
 }
 
 
@@ -135,8 +142,8 @@ def main(argv=None) -> int:
     rows = ["| run | largest reference-loss move (ref rows) | vs plain | largest move (held-out rows) | vs plain | "
             "safety-loss change | constraint |", "|---|---:|---:|---:|---:|---:|---|"]
     for label, r in results.items():
-        rows.append(f"| {label} | {r['ref_move']:.4f} | {r['ref_move'] / plain['ref_move']:.2f} | "
-                    f"{r['held_out_move']:.4f} | {r['held_out_move'] / plain['held_out_move']:.2f} | "
+        rows.append(f"| {label} | {r['ref_move']:.4f} | {r['ref_move'] / plain['ref_move']:.3f} | "
+                    f"{r['held_out_move']:.4f} | {r['held_out_move'] / plain['held_out_move']:.3f} | "
                     f"{r['safety_change']:+.4f} | {r['rebuild']} |")
     table = "\n".join(rows)
     (out / "knobs.json").write_text(json.dumps({"start": start, "steps": opts.steps, "samples": opts.samples,
