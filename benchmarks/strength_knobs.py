@@ -57,7 +57,8 @@ def config(assets: dict, out: Path, keys: dict, steps: int, samples: int) -> dic
            "learning_rate": 1e-3, "lr_scheduler_type": "constant", "optim": "adamw_torch", "max_steps": steps,
            "logging_steps": 1, "report_to": "none", "save_strategy": "no", "seed": 42, "dataloader_num_workers": 0}
     if keys:
-        cfg.update({"stage": "ogpsa_sft", "ogpsa_reference": ",".join(REFS), "ogpsa_reference_samples": samples, **keys})
+        cfg.update({"stage": "ogpsa_sft", "ogpsa_reference": ",".join(REFS), "ogpsa_reference_samples": samples,
+                    **keys})
     return cfg
 
 
