@@ -7,9 +7,11 @@ ACCELERATE_USE_FSDP in the environment).
 
 Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
 FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, DeepSpeed's bf16
-optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), FSDP1, `global` granularity under ZeRO
-(its groups are stepped one at a time), `pure_bf16` with `ogpsa_target: update`, and LLaMA-Factory
-paths that bypass the HF trainer (`use_mca`, `use_hyper_parallel`, USE_V1).
+optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), partitions over a process group
+narrower than the world (MiCS, expert, sequence or tensor parallelism), FSDP1, `global`
+granularity under ZeRO (its groups are stepped one at a time), `pure_bf16` with
+`ogpsa_target: update`, and LLaMA-Factory paths that bypass the HF trainer (`use_mca`,
+`use_hyper_parallel`, USE_V1).
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 ONE_SAMPLE = {"ogpsa_reference_samples": 1, "ogpsa_refresh_steps": 0}
 
 
-def run(tiny, root, label, nproc, keys, deepspeed=None):
+def run(tiny, root, label, nproc, keys, deepspeed=None, max_steps=1):
     out = root / f"{label}_{nproc}"
     if (out / "trainer_state.json").exists():  # the one-process baselines are shared
         return out
-    cfg = base_config(tiny, out, per_device_train_batch_size=4 // nproc, max_samples=4, max_steps=1,
+    cfg = base_config(tiny, out, per_device_train_batch_size=4 // nproc, max_samples=4, max_steps=max_steps,
                       optim="sgd", learning_rate=0.05, save_strategy="steps", save_steps=1, **keys)
     if nproc == 2:
         # a rank stuck in a collective fails after ddp_timeout instead of waiting for run_cli's limit
@@ -58,7 +58,8 @@ def root(tmp_path_factory):
 def test_idle_rank_builds_the_one_process_basis(tiny, root, tmp_path_factory, engine):
     import json
 
-    keys = ogpsa_keys(**ONE_SAMPLE)
+    # a second rebuild after the first step: the engine has stepped, and must hold nothing pending after it
+    keys = ogpsa_keys(**{**ONE_SAMPLE, "ogpsa_refresh_steps": 1})
     deepspeed = None
     if engine == "ddp_bf16_basis":  # fp32 weights, bf16 rows: the gradient is copied, not accumulated in place
         keys["ogpsa_basis_dtype"] = "bfloat16"
@@ -67,13 +68,14 @@ def test_idle_rank_builds_the_one_process_basis(tiny, root, tmp_path_factory, en
         path.write_text(json.dumps(deepspeed_config(int(engine[-1]))))
         deepspeed = str(path)
     label = "bf16" if engine == "ddp_bf16_basis" else "auto"
-    one = saved_basis(run(tiny, root, label, 1, keys), 1)
-    two_out = run(tiny, root, engine, 2, keys, deepspeed)
+    one = saved_basis(run(tiny, root, label, 1, keys, max_steps=2), 1)  # checkpoint-1: the step-0 basis
+    two_out = run(tiny, root, engine, 2, keys, deepspeed, max_steps=2)
     pieces = sorted(p.name for p in (two_out / "checkpoint-1" / "ogpsa").iterdir())
     two = saved_basis(two_out, 2)
     assert pieces == (["rank0-of-2.pt"] if engine.startswith("ddp") else ["rank0-of-2.pt", "rank1-of-2.pt"])
-    rebuild = next(r for r in ogpsa_log(two_out) if r.get("event") == "rebuild")
-    assert rebuild["world_size"] == 2 and rebuild["rank"] == 3 and rebuild["rank_spread"] == 0.0
+    rebuilds = [r for r in ogpsa_log(two_out) if r.get("event") == "rebuild"]
+    assert [r["step"] for r in rebuilds] == [0, 1]
+    assert all(r["world_size"] == 2 and r["rank"] == 3 and r["rank_spread"] == 0.0 for r in rebuilds)
     # the same directions, coordinates and norms as one process (ZeRO: reduction order only)
     assert [d.dtype for d in two["directions"]] == [d.dtype for d in one["directions"]]
     gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(one["directions"], two["directions"]))
