@@ -170,7 +170,9 @@ class OGPSACallback(TrainerCallback):
                 f"ogpsa_target=update: trainable weights in {', '.join(low)} cannot resolve a step's in-span part "
                 "exactly (fp32 master weights can; LLaMA-Factory keeps them unless pure_bf16 is set)"
             )
-        restored = state.global_step > 0 and self._restore(args, state)
+        restored = state.global_step > 0 and self.settings.ogpsa_save_basis and self._restore(args, state)
+        if state.global_step > 0 and not self.settings.ogpsa_save_basis and state.is_world_process_zero:
+            logger.info(f"ogpsa: ogpsa_save_basis is false: rebuilding the subspace at the resume step {state.global_step}")
         if not restored:
             self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
         if self.layout.steps_inside_engine:
@@ -198,8 +200,9 @@ class OGPSACallback(TrainerCallback):
         self._step_args = (args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        """Save this rank's basis, its step and the update-target coordinates with the checkpoint."""
-        if not self._has_basis():
+        """Save this rank's basis, its step and the update-target coordinates with the checkpoint
+        (nothing with ogpsa_save_basis: false; the resumed run rebuilds instead)."""
+        if not self._has_basis() or not self.settings.ogpsa_save_basis:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         payload = {**self._state_identity(args), "built_at_step": self.built_at_step, "rebuilds": self.rebuilds,
@@ -335,6 +338,7 @@ class OGPSACallback(TrainerCallback):
         builder = BasisBuilder(self.layout.like(), len(self.refs), self.settings.ogpsa_granularity,
                                reduce=self.layout.reduce, dtype=dtype)
         norms, tokens = self._fill(builder, args, state, model)
+        self.layout.check_no_pending_reduction()  # no reference gradient left queued in the engine
         self.basis = builder.finish()
         spread = rank_spread(self.basis, sharded=self.layout.sharded)
         if spread != 0.0:
