@@ -29,7 +29,6 @@ last lines of its log. `verbose` (`--verbose`) lets everything through to the te
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ import yaml
 from ogpsa.data_prep.common import write_json_atomic
 
 from .console import Console, Progress, TrainerSteps, eval_summary, seconds, stage_summary
-from .identity import eval_identity, stage_identity, stage_inputs
+from .identity import eval_identity, short_hash, stage_identity, stage_inputs
 from .lock import PipelineLock
 from .recipe import Recipe, RecipeError, StageSpec, load
 
@@ -138,7 +137,8 @@ class Pipeline:
         os.makedirs(out, exist_ok=True)
         args = {**spec.args, "model_name_or_path": start_model, "output_dir": out, "overwrite_output_dir": False}
         record.update(name=spec.name, stage=spec.stage, hash=identity, start_model=start_model, output=out)
-        record["inputs"] = {name: _short(d) for name, d in inputs.items()}
+        # a dataset's digest as stored in pipeline.json: one hash for its entry and its content
+        record["inputs"] = {name: short_hash(d) for name, d in inputs.items()}
         record.update(status="running", resumed=not fresh, eval=None)
         self._save()
         log = os.path.join(out, STAGE_LOG)
@@ -277,15 +277,10 @@ def summarize(out: str) -> dict[str, Any]:
     return metrics
 
 
-def _short(digest: Any) -> Any:
-    """A dataset's digest as stored in pipeline.json: one hash for its entry and its content."""
-    return hashlib.sha256(json.dumps(digest, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _what_changed(record: dict, inputs: dict) -> str:
     """What differs from a stage's last run, for the log line."""
     before = record.get("inputs") or {}
-    data = sorted(n for n, d in inputs.items() if before.get(n) != _short(d))
+    data = sorted(n for n, d in inputs.items() if before.get(n) != short_hash(d))
     return f"data: {', '.join(data)}" if data else "arguments or starting model"
 
 

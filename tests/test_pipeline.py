@@ -292,6 +292,27 @@ def test_missing_model_folder_retrains_the_stage_and_every_later_one(fake_pipeli
     assert fake_pipeline("eval=null")[:2] == (0, [])
 
 
+def test_one_dataset_info_reader_for_recipes_identities_and_evaluation(tmp_path, monkeypatch):
+    from ogpsa.pipelines import recipe as recipes
+    from ogpsa.pipelines.dataset_info import DatasetInfoError, dataset_names, read_dataset_info
+    from ogpsa.pipelines.probes import resolve_source
+
+    assert read_dataset_info("ONLINE") is None and read_dataset_info("REMOTE:org/data") is None
+    path = tmp_path / "dataset_info.json"
+    with pytest.raises(DatasetInfoError, match=f"{path} does not exist") as missing:
+        read_dataset_info(tmp_path)
+    path.write_text("{")
+    with pytest.raises(DatasetInfoError, match=f"{path} is not valid JSON") as invalid:
+        read_dataset_info(str(tmp_path))
+    assert missing.value.missing and not invalid.value.missing
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(recipes.RecipeError, match=f"stage 'sft': dataset_dir: {path} is not valid JSON"):
+        recipes.load(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), [f"dataset_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=f"dataset_dir {tmp_path}: {path} is not valid JSON"):
+        resolve_source("toy_harmful_eval", str(tmp_path))
+    assert dataset_names("a, b,") == ["a", "b"] and dataset_names(["a", 1]) == ["a", "1"] and dataset_names(None) == []
+
+
 def test_file_digests_stream_and_cover_folders(tmp_path):
     import hashlib
 
