@@ -19,7 +19,8 @@ import json
 import os
 from typing import Any
 
-from .recipe import StageSpec, _names
+from .dataset_info import dataset_names, is_hub_dir, read_dataset_info
+from .recipe import StageSpec
 
 CHUNK = 1 << 20
 REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "cloud_file_name")
@@ -49,16 +50,16 @@ def path_digest(path: str) -> str | dict[str, str]:
     return out
 
 
-def _sha(obj: Any) -> str:
+def short_hash(obj: Any) -> str:
+    """16 hex digits of the sha256 of `obj` as canonical JSON (sorted keys; str() for the rest)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dataset_digests(dataset_dir: Any, names: list[str]) -> dict[str, Any]:
     """{name: {"entry": its dataset_info entry, "content": digest of what it points to}}."""
-    if not isinstance(dataset_dir, str) or dataset_dir == "ONLINE" or dataset_dir.startswith("REMOTE:"):
+    if is_hub_dir(dataset_dir):
         return {name: {"entry": "remote", "dataset_dir": str(dataset_dir)} for name in names}
-    with open(os.path.join(dataset_dir, "dataset_info.json"), encoding="utf-8") as f:
-        info = json.load(f)
+    info = read_dataset_info(dataset_dir)
     out = {}
     for name in names:
         entry = info.get(name)
@@ -71,18 +72,18 @@ def dataset_digests(dataset_dir: Any, names: list[str]) -> dict[str, Any]:
 def stage_inputs(spec: StageSpec) -> dict[str, Any]:
     """Digests of every dataset the stage reads (training data, eval data, reference sets)."""
     args = spec.args
-    names = _names(args.get("dataset")) + _names(args.get("eval_dataset")) + _names(args.get("ogpsa_reference"))
+    names = [n for key in ("dataset", "eval_dataset", "ogpsa_reference") for n in dataset_names(args.get(key))]
     return dataset_digests(args.get("dataset_dir", "data"), sorted(set(names)))
 
 
 def stage_identity(spec: StageSpec, start_model: str, previous: str, inputs: dict[str, Any]) -> str:
     """Identity of a stage run: arguments, starting model, the chain before it and its inputs' content."""
-    return _sha({"args": spec.args, "start": start_model, "prev": previous, "inputs": inputs})
+    return short_hash({"args": spec.args, "start": start_model, "prev": previous, "inputs": inputs})
 
 
 def eval_identity(block: dict[str, Any] | None, model: str = "") -> str:
     """Identity of an evaluation: the `eval:` block, the content of the files it reads, and `model`."""
-    return _sha({"eval": block, "files": eval_files(block or {}), "model": model})
+    return short_hash({"eval": block, "files": eval_files(block or {}), "model": model})
 
 
 def eval_files(block: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +91,7 @@ def eval_files(block: dict[str, Any]) -> dict[str, Any]:
     sources = []
     for key in ("capability", "exclude"):
         value = block.get(key) or []
-        sources += _names(value) if isinstance(value, str) else [str(v) for v in value]
+        sources += dataset_names(value)
     sources += [str(block[k]) for k in ("harmful", "benign") if block.get(k)]
     out: dict[str, Any] = {src: _eval_source(src, block.get("dataset_dir")) for src in sources}
     for key in ("hhh", "lm_eval_include_path"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from typing import Any
 
 from ogpsa.plugin.engines import check_arguments
 from ogpsa.plugin.settings import PREFIX, OGPSAConfigError, split_ogpsa_args
+
+from .dataset_info import DatasetInfoError, dataset_names, info_path, read_dataset_info
 
 STAGE_TYPES = ("sft", "dpo", "ogpsa_sft", "ogpsa_dpo")
 PREFERENCE_STAGES = ("dpo", "ogpsa_dpo")
@@ -165,25 +166,26 @@ def _check_stage(spec: StageSpec, where: str) -> None:
     if settings is not None:
         check_arguments(stock.get, settings, at)  # engine, offload, pure_bf16 + update, ...
     dataset_dir = stock.get("dataset_dir", "data")
-    info = _dataset_info(dataset_dir, at)
+    try:
+        info = read_dataset_info(dataset_dir)
+    except DatasetInfoError as e:
+        raise RecipeError(f"{at}dataset_dir: {e}") from None
     if info is None:
-        return
-    datasets = _names(stock.get("dataset"))
+        return  # resolved against the Hub by LLaMA-Factory at run time
+    datasets = dataset_names(stock.get("dataset"))
     if not datasets and stock.get("do_train", True):
         raise RecipeError(f"{at}dataset: required for a training stage")
     wants_pairs = spec.stage in PREFERENCE_STAGES
-    for name in datasets + _names(stock.get("eval_dataset")):
+    for name in datasets + dataset_names(stock.get("eval_dataset")):
         if name not in info:
-            raise RecipeError(f"{at}dataset: {name!r} not found in {os.path.join(dataset_dir, 'dataset_info.json')}")
+            raise RecipeError(f"{at}dataset: {name!r} not found in {info_path(dataset_dir)}")
         if bool(info[name].get("ranking")) != wants_pairs:
             kind = "preference (ranking) data" if wants_pairs else "SFT data, not preference pairs"
             raise RecipeError(f"{at}dataset: {name!r} is not {kind}; a {spec.stage} stage needs {kind}")
     if settings is not None:
         for name in settings.reference_names:
             if name not in info:
-                raise RecipeError(
-                    f"{at}ogpsa_reference: {name!r} not found in {os.path.join(dataset_dir, 'dataset_info.json')}"
-                )
+                raise RecipeError(f"{at}ogpsa_reference: {name!r} not found in {info_path(dataset_dir)}")
 
 
 def _check_eval(block: Any, where: str) -> None:
@@ -197,27 +199,6 @@ def _check_eval(block: Any, where: str) -> None:
         EvalConfig.from_dict(block)
     except (EvalError, TypeError) as e:
         raise RecipeError(f"{where}eval: {e}") from None
-
-
-def _names(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
-
-
-def _dataset_info(dataset_dir: Any, at: str) -> dict | None:
-    if not isinstance(dataset_dir, str) or dataset_dir == "ONLINE" or dataset_dir.startswith("REMOTE:"):
-        return None  # resolved against the Hub by LLaMA-Factory at run time
-    path = os.path.join(dataset_dir, "dataset_info.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"{at}dataset_dir: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{at}dataset_dir: {path} is not valid JSON ({e})") from None
 
 
 _KEYS: set[str] | None = None
