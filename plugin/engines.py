@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .dist import world_size
 from .settings import OGPSAArguments, OGPSAConfigError
 from .sharding import FSDP2Layout, Replicated, ShardLayout, Zero3Layout, ZeroLayout
 
@@ -215,9 +216,7 @@ def check_partition_groups(engine: str, sizes: list[int]) -> None:
     expert data-parallel groups, sequence or tensor parallelism) each piece would be counted once
     per replica of the group, silently scaling every coefficient.
     """
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     narrower = sorted({s for s in sizes if s != world})
     if narrower:
         raise OGPSAConfigError(

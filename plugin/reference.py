@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
-from .dist import all_reduce_sum as _all_reduce_sum
-from .dist import world as _world
+from .dist import all_reduce_sum, rank_and_world
 from .settings import OGPSAConfigError
 
 IGNORE_INDEX = -100
@@ -157,7 +155,7 @@ def shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bo
     parameters, FSDP2 also reduce-scatters gradients) would otherwise wait forever on a rank that
     has finished.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     for indices in _plan(ref, batch_size, world)[rank]:
         batch = collator([dict(ref.features[i]) for i in indices])
         yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 1.0
@@ -277,7 +275,7 @@ def reference_gradients(
                 if p.grad is not None and p.grad.data_ptr() != buf.data_ptr():
                     buf.copy_(p.grad.reshape(-1))
                 p.grad = None
-            _all_reduce_sum([counts, *buffers])
+            all_reduce_sum([counts, *buffers])
             yield _set_gradient(ref.name, [buf.view_as(p) for p, buf in zip(params, buffers)], counts)
 
 
@@ -334,24 +332,24 @@ def sharded_reference_gradients(
             for p in params:
                 p.grad = None
             if through_engine:
-                _all_reduce_sum([counts])
+                all_reduce_sum([counts])
                 for buf, g in zip(buffers, grads):
                     if g is not None:
                         buf.copy_(g._local_tensor.reshape(-1))
             else:
                 flat = _whole_gradients(params, grads, layout)
-                _all_reduce_sum([counts, *flat])
+                all_reduce_sum([counts, *flat])
                 for i, (buf, g) in enumerate(zip(buffers, flat)):
                     piece = layout.piece(i)
                     if piece.numel:
                         buf.copy_(g[piece.start : piece.stop])
                 del flat
             del grads
-            yield _set_gradient(ref.name, buffers, counts, float(_world()[1]) if through_engine else 1.0)
+            yield _set_gradient(ref.name, buffers, counts, float(rank_and_world()[1]) if through_engine else 1.0)
 
 
 def num_batches(refs: list[ReferenceSet], batch_size: int, even: bool = False) -> int:
     """This rank's micro-batches over all sets (the fullest rank's with `even`)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     return sum(_most_batches(r, batch_size, world) if even else _batches_per_rank(r, batch_size, rank, world)
                for r in refs)
