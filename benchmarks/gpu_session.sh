@@ -129,7 +129,7 @@ while todo:
         todo.append((req.name, tuple(req.extras)))
 facts["requirement_problems"] = sorted(set(problems))
 facts["imports"] = {}
-for mod in ["ogpsa.plugin.callback", "ogpsa.pipelines.activation", "llamafactory.train.tuner", "trl", "deepspeed",
+for mod in ["ogpsa.plugin.callback", "ogpsa.pipelines.integration.hook", "llamafactory.train.tuner", "trl", "deepspeed",
             "datasets", "peft", "accelerate"]:
     try:
         importlib.import_module(mod)

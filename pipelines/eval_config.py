@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..plugin.files import DatasetInfoError, read_dataset_info
+
 # written by the pipeline runner into every stage folder: the stage's LLaMA-Factory arguments
 STAGE_CONFIG = "stage_config.yaml"
 
@@ -137,12 +139,14 @@ def run_defaults(path: Path, dataset_dir: str | None = None) -> tuple[dict[str, 
     where, first = configs[0]
     folder = Path(dataset_dir or first.get("dataset_dir", "data")).expanduser()
     info_path = folder / "dataset_info.json"
-    if not info_path.is_file():
-        return {}, f"the run's dataset_dir {str(folder)!r} ({where}) has no dataset_info.json from here; pass --dataset-dir"
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EvalError(f"cannot read {info_path}: {e}") from None
+        info = read_dataset_info(folder)
+    except DatasetInfoError as e:
+        if not e.missing:
+            raise EvalError(str(e)) from None
+        info = None
+    if info is None:  # missing here, or a Hub dataset_dir
+        return {}, f"the run's dataset_dir {str(folder)!r} ({where}) has no dataset_info.json from here; pass --dataset-dir"
     references = [n.strip() for _, c in configs for n in str(c.get("ogpsa_reference", "")).split(",") if n.strip()]
     references += sorted(n for n in info if n.endswith("_ref"))
     measures = held_out_sets(folder, info)

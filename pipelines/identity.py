@@ -18,7 +18,7 @@ import hashlib
 import os
 from typing import Any
 
-from ..plugin.files import read_dataset_info, short_hash, split_names
+from ..plugin.files import dataset_names, is_hub_dir, read_dataset_info, short_hash
 from .recipe import StageSpec
 
 CHUNK = 1 << 20
@@ -51,9 +51,9 @@ def path_digest(path: str) -> str | dict[str, str]:
 
 def dataset_digests(dataset_dir: Any, names: list[str]) -> dict[str, Any]:
     """{name: {"entry": its dataset_info entry, "content": digest of what it points to}}."""
-    info = read_dataset_info(dataset_dir)
-    if info is None:
+    if is_hub_dir(dataset_dir):
         return {name: {"entry": "remote", "dataset_dir": str(dataset_dir)} for name in names}
+    info = read_dataset_info(dataset_dir)
     out = {}
     for name in names:
         entry = info.get(name)
@@ -66,7 +66,7 @@ def dataset_digests(dataset_dir: Any, names: list[str]) -> dict[str, Any]:
 def stage_inputs(spec: StageSpec) -> dict[str, Any]:
     """Digests of every dataset the stage reads (training data, eval data, reference sets)."""
     args = spec.args
-    names = split_names(args.get("dataset")) + split_names(args.get("eval_dataset")) + split_names(args.get("ogpsa_reference"))
+    names = [n for key in ("dataset", "eval_dataset", "ogpsa_reference") for n in dataset_names(args.get(key))]
     return dataset_digests(args.get("dataset_dir", "data"), sorted(set(names)))
 
 
@@ -85,7 +85,7 @@ def eval_files(block: dict[str, Any]) -> dict[str, Any]:
     sources = []
     for key in ("capability", "exclude"):
         value = block.get(key) or []
-        sources += split_names(value) if isinstance(value, str) else [str(v) for v in value]
+        sources += dataset_names(value)
     sources += [str(block[k]) for k in ("harmful", "benign") if block.get(k)]
     out: dict[str, Any] = {src: _eval_source(src, block.get("dataset_dir")) for src in sources}
     for key in ("hhh", "lm_eval_include_path"):

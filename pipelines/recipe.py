@@ -24,8 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..plugin.files import dataset_info_path, read_dataset_info
-from ..plugin.files import split_names as _names
+from ..plugin.files import DatasetInfoError, dataset_names, info_path, read_dataset_info
 from ..plugin.preflight import preflight
 from ..plugin.settings import PREFIX, OGPSAConfigError
 
@@ -164,16 +163,19 @@ def _check_stage(spec: StageSpec, where: str) -> None:
     if unknown:
         raise RecipeError(f"{at}{', '.join(unknown)}: unknown LLaMA-Factory key(s)")
     dataset_dir = stock.get("dataset_dir", "data")
-    info = _dataset_info(dataset_dir, at)
+    try:
+        info = read_dataset_info(dataset_dir)
+    except DatasetInfoError as e:
+        raise RecipeError(f"{at}dataset_dir: {e}") from None
     if info is None:
-        return
-    datasets = _names(stock.get("dataset"))
+        return  # resolved against the Hub by LLaMA-Factory at run time
+    datasets = dataset_names(stock.get("dataset"))
     if not datasets and stock.get("do_train", True):
         raise RecipeError(f"{at}dataset: required for a training stage")
     wants_pairs = spec.stage in PREFERENCE_STAGES
-    for name in datasets + _names(stock.get("eval_dataset")):
+    for name in datasets + dataset_names(stock.get("eval_dataset")):
         if name not in info:
-            raise RecipeError(f"{at}dataset: {name!r} not found in {os.path.join(dataset_dir, 'dataset_info.json')}")
+            raise RecipeError(f"{at}dataset: {name!r} not found in {info_path(dataset_dir)}")
         if bool(info[name].get("ranking")) != wants_pairs:
             kind = "preference (ranking) data" if wants_pairs else "SFT data, not preference pairs"
             raise RecipeError(f"{at}dataset: {name!r} is not {kind}; a {spec.stage} stage needs {kind}")
@@ -190,16 +192,6 @@ def _check_eval(block: Any, where: str) -> None:
         EvalConfig.from_dict(block)
     except (EvalError, TypeError) as e:
         raise RecipeError(f"{where}eval: {e}") from None
-
-
-def _dataset_info(dataset_dir: Any, at: str) -> dict | None:
-    path = dataset_info_path(dataset_dir) if isinstance(dataset_dir, str) else ""
-    try:
-        return read_dataset_info(dataset_dir)  # None: resolved against the Hub by LLaMA-Factory at run time
-    except FileNotFoundError:
-        raise RecipeError(f"{at}dataset_dir: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{at}dataset_dir: {path} is not valid JSON ({e})") from None
 
 
 _KEYS: set[str] | None = None

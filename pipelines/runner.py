@@ -19,6 +19,12 @@ reruns everything. An evaluation is redone when the `eval:` block or a file it r
 Each stage is a child process (`python -m ogpsa.pipelines.cli train <stage>.yaml`) that inherits
 the environment, so FORCE_TORCHRUN / NPROC_PER_NODE and a `deepspeed:` key behave as in a single
 stock LLaMA-Factory run.
+
+Output (`ogpsa.pipelines.console`): a line when a stage or an evaluation starts and ends (folder,
+log file, duration, key numbers) and one progress bar for each. The full output of a stage (its
+training and, for LoRA, its merge) is appended to `<NN>_<name>/train.log`, that of its evaluation
+to `<NN>_<name>/eval.log` (the starting model's: `<output_dir>/eval_base.log`). A failure shows the
+last lines of its log. `verbose` (`--verbose`) lets everything through to the terminal instead.
 """
 
 from __future__ import annotations
@@ -26,35 +32,44 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import Any
 
 import yaml
 
-from ..plugin.files import short_hash as _short
-from ..plugin.files import write_json_atomic
-
+from ..plugin.files import short_hash, write_json_atomic
+from .console import Console, Progress, TrainerSteps, eval_summary, seconds, stage_summary
 from .identity import eval_identity, stage_identity, stage_inputs
 from .lock import PipelineLock
 from .recipe import Recipe, RecipeError, StageSpec, load
 
 STATE_FILE = "pipeline.json"
+STAGE_LOG = "train.log"
+EVAL_LOG = "eval.log"
+BASE_EVAL_LOG = "eval_base.log"
 
 
-def run_recipe(path: str, overrides: list[str] | None = None) -> int:
-    """Entry of `llamafactory-cli train RECIPE` / `ogpsa train RECIPE`; returns an exit code."""
+class PipelineFailed(Exception):
+    """A stage or an evaluation failed; the message names it and its log."""
+
+
+def run_recipe(path: str, overrides: list[str] | None = None, verbose: bool = False) -> int:
+    """Entry of `llamafactory-cli train RECIPE` / `ogpsa train RECIPE`; returns an exit code.
+    `--force` and `--verbose` may come among the overrides."""
     overrides = list(overrides or [])
     if "--force" in overrides:
         overrides = [o for o in overrides if o != "--force"] + ["force=true"]
+    if "--verbose" in overrides:
+        overrides, verbose = [o for o in overrides if o != "--verbose"], True
     recipe = load(path, overrides)
-    return Pipeline(recipe).run()
+    return Pipeline(recipe, Console(verbose)).run()
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, console: Console | None = None):
         self.recipe = recipe
+        self.console = console or Console()
         self.root = os.path.abspath(recipe.output_dir)
         self.state_path = os.path.join(self.root, STATE_FILE)
         self.state: dict = {}
@@ -65,7 +80,11 @@ class Pipeline:
         os.makedirs(self.root, exist_ok=True)
         with PipelineLock(self.root):
             self.state = self._load_state()  # read under the lock: a finishing runner may still write it
-            return self._run_stages()
+            try:
+                return self._run_stages()
+            except PipelineFailed as e:
+                sys.stderr.write(f"ogpsa: {e}\n")
+                return 1
 
     def _run_stages(self) -> int:
         base = self.recipe.base_model
@@ -78,10 +97,10 @@ class Pipeline:
             record = self._record(spec)
             rerun = self._why_rerun(record, identity, inputs, changed)
             if rerun is None:
-                _say(f"stage {spec.dirname}: unchanged and done, skipped")
+                self.console.say(f"stage {spec.dirname}: unchanged and done, skipped")
             else:
                 if rerun:
-                    _say(f"stage {spec.dirname}: {rerun}; training it from scratch")
+                    self.console.say(f"stage {spec.dirname}: {rerun}; training it from scratch")
                 changed = changed or bool(rerun)  # a retrained stage invalidates every later one
                 fresh = changed or record.get("status") not in ("running", "failed")
                 code = self._run_stage(spec, record, identity, start_model, fresh, inputs)
@@ -89,7 +108,7 @@ class Pipeline:
                     return code
             self._evaluate(spec, record)
             start_model, previous_hash = record["model"], identity
-        _say(f"pipeline done: {self.state_path}")
+        self.console.say(f"pipeline done: {self.state_path}")
         return 0
 
     @staticmethod
@@ -117,25 +136,37 @@ class Pipeline:
         os.makedirs(out, exist_ok=True)
         args = {**spec.args, "model_name_or_path": start_model, "output_dir": out, "overwrite_output_dir": False}
         record.update(name=spec.name, stage=spec.stage, hash=identity, start_model=start_model, output=out)
-        record["inputs"] = {name: _short(d) for name, d in inputs.items()}
+        # a dataset's digest as stored in pipeline.json: one hash for its entry and its content
+        record["inputs"] = {name: short_hash(d) for name, d in inputs.items()}
         record.update(status="running", resumed=not fresh, eval=None)
         self._save()
-        _say(f"stage {spec.dirname} ({spec.stage}) from {start_model}" + ("" if fresh else " (resuming)"))
+        log = os.path.join(out, STAGE_LOG)
+        self.console.say(f"stage {spec.dirname} ({spec.stage}) from {start_model}" + ("" if fresh else " (resuming)")
+                         + ("" if self.console.verbose else f"; log: {log}"))
         started = time.time()
         trained = os.path.exists(os.path.join(out, "train_results.json"))  # failed after training
-        code = 0 if trained else _launch(["train", _write_yaml(out, "stage_config.yaml", args)])
+        if not trained:
+            config = _write_yaml(out, "stage_config.yaml", args)
+            code = _launch(["train", config], console=self.console, log=log, label=spec.dirname,
+                           progress=TrainerSteps(out))
+        else:
+            code = 0
         if code == 0 and args.get("finetuning_type", "lora") == "lora":
-            code = self._merge_lora(args, out)
+            code = self._merge_lora(args, out, log, spec.dirname)
         record["wall_seconds"] = round(time.time() - started + record.get("wall_seconds_before", 0.0), 2)
         if code != 0:
             record["status"] = "failed"
             record["wall_seconds_before"] = record["wall_seconds"]
             self._save()
-            sys.stderr.write(f"ogpsa: stage {spec.name!r} failed (exit {code}); rerun the same command to resume\n")
+            where = "" if self.console.verbose else f"; full log: {log}"
+            sys.stderr.write(f"ogpsa: stage {spec.name!r} failed (exit {code}){where}; rerun the same command to resume\n")
             return code
         record.pop("wall_seconds_before", None)
         record.update(status="done", model=record.get("model_dir", out), metrics=summarize(out))
         self._save()
+        summary = stage_summary(record["metrics"])
+        self.console.say(f"stage {spec.dirname} done in {seconds(time.time() - started)}"
+                         + (f": {summary}" if summary else "") + f"; model: {record['model']}")
         return 0
 
     def _invalidate_after(self, index: int) -> None:
@@ -144,7 +175,7 @@ class Pipeline:
         for later in self.recipe.stages[index + 1 :]:
             self.state["stages"][later.index] = {"name": later.name, "status": "pending"}
 
-    def _merge_lora(self, args: dict, out: str) -> int:
+    def _merge_lora(self, args: dict, out: str, log: str, label: str) -> int:
         merged = os.path.join(out, "merged")
         export = {
             "model_name_or_path": args["model_name_or_path"],
@@ -156,33 +187,47 @@ class Pipeline:
         for key in ("trust_remote_code", "cache_dir"):
             if key in args:
                 export[key] = args[key]
-        code = _launch(["export", _write_yaml(out, "export_config.yaml", export)], llamafactory=True)
+        self.console.say(f"stage {label}: merging the LoRA adapter into {merged}")
+        code = _launch(["export", _write_yaml(out, "export_config.yaml", export)], llamafactory=True,
+                       console=self.console, log=log, label=f"{label} merge")
         if code == 0:
             self._record_by_output(out)["model_dir"] = merged
         return code
 
     # ---- evaluation (optional `eval:` block) ---------------------------------------------------
     def _eval_base(self, model: str) -> None:
-        self._evaluate_into(self.state, "eval_base", model, eval_identity(self.recipe.eval, model))
+        log = os.path.join(self.root, BASE_EVAL_LOG)
+        self._evaluate_into(self.state, "eval_base", model, eval_identity(self.recipe.eval, model), log, "base model")
 
     def _evaluate(self, spec: StageSpec, record: dict) -> None:
         # the eval identity leaves the model out: retraining a stage clears its evaluation anyway
         if self._eval_id is None:
             self._eval_id = eval_identity(self.recipe.eval)
-        self._evaluate_into(record, "eval", record["model"], self._eval_id)
+        log = os.path.join(self.root, spec.dirname, EVAL_LOG)
+        self._evaluate_into(record, "eval", record["model"], self._eval_id, log, spec.dirname)
 
-    def _evaluate_into(self, record: dict, key: str, model: str, identity: str) -> None:
+    def _evaluate_into(self, record: dict, key: str, model: str, identity: str, log: str, label: str) -> None:
         """Evaluate `model` into record[key] unless an evaluation of the same identity is there."""
         if self.recipe.eval and (not record.get(key) or record.get(f"{key}_hash") != identity):
-            record[key] = self._evaluate_model(model)
+            record[key] = self._evaluate_model(model, log, label)
             record[f"{key}_hash"] = identity
             self._save()
 
-    def _evaluate_model(self, model: str) -> dict:
+    def _evaluate_model(self, model: str, log: str, label: str) -> dict:
+        """`ogpsa eval`'s evaluate_model on `model`, in this process; quiet: its output in `log`."""
         from .scoring import evaluate_model
 
-        _say(f"evaluating {model}")
-        return evaluate_model(model, self.recipe.eval)
+        self.console.say(f"evaluating {label}: {model}" + ("" if self.console.verbose else f"; log: {log}"))
+        started = time.time()
+        if self.console.verbose:
+            return evaluate_model(model, self.recipe.eval)
+        try:
+            with self.console.captured(log, f"eval {label}"):
+                result = evaluate_model(model, self.recipe.eval)
+        except Exception as e:
+            raise PipelineFailed(f"evaluation of {label} failed ({type(e).__name__}: {e}); full log: {log}") from None
+        self.console.say(f"evaluation of {label} done in {seconds(time.time() - started)}: {eval_summary(result)}")
+        return result
 
     # ---- state ------------------------------------------------------------------------------
     def _load_state(self) -> dict:
@@ -234,7 +279,7 @@ def summarize(out: str) -> dict[str, Any]:
 def _what_changed(record: dict, inputs: dict) -> str:
     """What differs from a stage's last run, for the log line."""
     before = record.get("inputs") or {}
-    data = sorted(n for n, d in inputs.items() if before.get(n) != _short(d))
+    data = sorted(n for n, d in inputs.items() if before.get(n) != short_hash(d))
     return f"data: {', '.join(data)}" if data else "arguments or starting model"
 
 
@@ -245,14 +290,12 @@ def _write_yaml(directory: str, name: str, args: dict) -> str:
     return path
 
 
-def _launch(argv: list[str], llamafactory: bool = False) -> int:
+def _launch(argv: list[str], llamafactory: bool = False, *, console: Console, log: str, label: str,
+            progress: Progress | None = None) -> int:
     """A child Python that runs one LLaMA-Factory command with the OGPSA hook armed."""
     module = "llamafactory.cli" if llamafactory else "ogpsa.pipelines.cli"
-    return subprocess.call([sys.executable, "-m", module, *argv])
+    return console.run([sys.executable, "-m", module, *argv], log, label, progress)
 
 
-def _say(message: str) -> None:
-    print(f"[ogpsa pipeline] {message}", flush=True)
-
-
-__all__ = ["run_recipe", "Pipeline", "RecipeError", "summarize", "STATE_FILE"]
+__all__ = ["run_recipe", "Pipeline", "PipelineFailed", "RecipeError", "summarize", "STATE_FILE", "STAGE_LOG",
+           "EVAL_LOG", "BASE_EVAL_LOG"]

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dist import all_reduce_sum as _all_reduce_sum
-from .reference import ReferenceSet, forked_rng, shard_batches
-from .reference import token_counts as _count
+from .dist import all_reduce_sum
+from .reference import ReferenceSet, forked_rng, shard_batches, token_counts
 from .settings import OGPSAConfigError
 
 # Module-name parts that mark a feed-forward block across common architectures (Llama, Qwen, Mistral,
@@ -298,14 +297,14 @@ def input_spaces(model, layers: list[ConstrainedLayer], refs: list[ReferenceSet]
                     for batch, weight in shard_batches(ref, batch_size, collator, device, even=even):
                         collector.next_batch(batch, counted=weight != 0.0)  # a top-up runs for the collectives only
                         _forward(model, batch)
-                        counts += _count(batch, weight)
+                        counts += token_counts(batch, weight)
                         if progress is not None:
                             progress.update(1)
                     if ref.name not in tokens:  # counted on the first pass
-                        _all_reduce_sum([counts])
+                        all_reduce_sum([counts])
                         _, real, padded = (int(x) for x in counts.tolist())
                         tokens[ref.name] = {"input": real, "padded": padded}
-                _all_reduce_sum(list(collector.active.values()))
+                all_reduce_sum(list(collector.active.values()))
                 for s in spaces:
                     results.append(decompose(collector.active.pop(s)))
     finally:

@@ -140,7 +140,9 @@ class OGPSACallback(TrainerCallback):
         if refused:
             raise OGPSAConfigError(refused)
         self.constraint.setup(SetupContext(model, self.params, self.layout, state.is_world_process_zero))
-        restored = state.global_step > 0 and self._restore(args, state)
+        restored = state.global_step > 0 and self.settings.ogpsa_save_basis and self._restore(args, state)
+        if state.global_step > 0 and not self.settings.ogpsa_save_basis and state.is_world_process_zero:
+            logger.info(f"ogpsa: ogpsa_save_basis is false: rebuilding the subspace at the resume step {state.global_step}")
         if not restored:
             self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
         if self.layout.steps_inside_engine:
@@ -194,8 +196,9 @@ class OGPSACallback(TrainerCallback):
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
-        """Save this rank's constraint state and the step it was built at with the checkpoint."""
-        if not self.constraint.ready():
+        """Save this rank's constraint state and the step it was built at with the checkpoint
+        (nothing with ogpsa_save_basis: false; the resumed run rebuilds instead)."""
+        if not self.constraint.ready() or not self.settings.ogpsa_save_basis:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         payload = {**self._state_identity(args), "built_at_step": self.built_at_step, "rebuilds": self.rebuilds,

@@ -16,7 +16,7 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) without a process group."""
     if initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -24,7 +24,7 @@ def world() -> tuple[int, int]:
 
 
 def world_size() -> int:
-    return world()[1]
+    return rank_and_world()[1]
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:

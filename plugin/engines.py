@@ -8,9 +8,11 @@ ACCELERATE_USE_FSDP in the environment).
 Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
 FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, FSDP2 CPU offload,
 DoRA and LoRA rebuilds (ogpsa_refresh_steps > 0) under the null-space method, DeepSpeed's bf16
-optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), FSDP1, `global` granularity under ZeRO
-(its groups are stepped one at a time), `pure_bf16` with `ogpsa_target: update`, and LLaMA-Factory
-paths that bypass the HF trainer (`use_mca`, `use_hyper_parallel`, USE_V1).
+optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), partitions over a process group
+narrower than the world (MiCS, expert, sequence or tensor parallelism), FSDP1, `global`
+granularity under ZeRO (its groups are stepped one at a time), `pure_bf16` with
+`ogpsa_target: update`, and LLaMA-Factory paths that bypass the HF trainer (`use_mca`,
+`use_hyper_parallel`, USE_V1).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .dist import world_size
 from .settings import OGPSAArguments, OGPSAConfigError
 from .sharding import FSDP2Layout, Replicated, ShardLayout, Zero3Layout, ZeroLayout
 
@@ -55,7 +58,7 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
     if settings.ogpsa_method == "null_space":
         _check_null_space_tuning(get, settings, where)
     if config:
-        _check_deepspeed(_load_deepspeed_config(config, where), settings, where)
+        _check_deepspeed(_load_deepspeed_config(config, where), settings, where, get)
     if fsdp:
         fsdp_config = _as_dict(get("fsdp_config"))
         version = fsdp_config.get("version", fsdp_config.get("fsdp_version", 1))
@@ -104,13 +107,34 @@ def _load_deepspeed_config(config: Any, where: str) -> dict:
         raise OGPSAConfigError(f"{where}deepspeed: {config} is not a readable JSON file ({e})") from None
 
 
-def _check_deepspeed(config: dict, settings: OGPSAArguments, where: str) -> None:
+def _enabled(config: dict, keys: tuple[str, ...], flags: tuple[str, ...], get: Callable[[str], Any]) -> bool:
+    """Whether a DeepSpeed precision section is on: `enabled: true`, or `"auto"`, which the HF trainer
+    fills from its own flags (`bf16`/`bf16_full_eval`, `fp16`/`fp16_full_eval`)."""
+    section = next((config[k] for k in keys if isinstance(config.get(k), dict)), {})
+    enabled = section.get("enabled", False)
+    if enabled == "auto":
+        return any(bool(get(f)) for f in flags)
+    return enabled is True or str(enabled).lower() == "true"
+
+
+def _check_deepspeed(config: dict, settings: OGPSAArguments, where: str, get: Callable[[str], Any]) -> None:
     zero = config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0) or 0)
     if stage not in (1, 2, 3):
         raise OGPSAConfigError(
             f"{where}deepspeed: ZeRO stage {stage} is not supported by OGPSA stages; use ZeRO-1/2/3, or DDP "
             "without a deepspeed config"
+        )
+    # DeepSpeed swaps ZeRO-1 for its BF16_Optimizer when the weights are bf16 and gradients accumulate
+    # in float32 (DeepSpeedEngine._do_optimizer_sanity_check); that optimizer has no ZeRO partitions to
+    # project, so it is refused here, from the same config keys, before the model loads.
+    accum = str((config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    if (stage == 1 and accum in ("fp32", "float32", "float", "torch.float32")
+            and _enabled(config, ("bf16", "bfloat16"), ("bf16", "bf16_full_eval"), get)
+            and not _enabled(config, ("fp16",), ("fp16", "fp16_full_eval"), get)):
+        raise OGPSAConfigError(
+            f"{where}deepspeed: ZeRO-1 with bf16 and data_types.grad_accum_dtype {accum!r} runs DeepSpeed's "
+            "BF16_Optimizer, which OGPSA stages do not support; use ZeRO-2/3, or drop grad_accum_dtype"
         )
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
@@ -184,6 +208,24 @@ def _check_method(layout: ShardLayout, settings: OGPSAArguments) -> ShardLayout:
     return layout
 
 
+def check_partition_groups(engine: str, sizes: list[int]) -> None:
+    """Refuse partitions taken over process groups narrower than the world.
+
+    The projection sums its inner products, and a rebuild its reference gradients and token
+    counts, over the whole world; if ranks partition within smaller groups (DeepSpeed's MiCS,
+    expert data-parallel groups, sequence or tensor parallelism) each piece would be counted once
+    per replica of the group, silently scaling every coefficient.
+    """
+    world = world_size()
+    narrower = sorted({s for s in sizes if s != world})
+    if narrower:
+        raise OGPSAConfigError(
+            f"{engine}: the optimizer partitions over process groups of {', '.join(map(str, narrower))} ranks, not all "
+            f"{world} (MiCS, expert, sequence or tensor parallelism); OGPSA stages reduce over the whole world and "
+            "support plain data parallelism only"
+        )
+
+
 def _fsdp2_layout(params) -> ShardLayout:
     from torch.distributed.tensor import DTensor, Shard
 
@@ -193,6 +235,7 @@ def _fsdp2_layout(params) -> ShardLayout:
                 "fsdp: OGPSA supports FSDP2 with every trainable parameter sharded on dim 0 over one mesh "
                 "dimension (no HSDP, tensor parallelism or mixed replicated parameters)"
             )
+    check_partition_groups("fsdp", [p.device_mesh.size() for p in params])
     return FSDP2Layout(params)
 
 
@@ -217,6 +260,11 @@ def _deepspeed_layout(optimizer, params, settings: OGPSAArguments) -> ShardLayou
     if offload:
         raise OGPSAConfigError("deepspeed: ZeRO offload is not supported by OGPSA stages")
     try:
+        if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+            groups = [zero.dp_process_group, *getattr(zero, "sub_group_process_groups", [])]
+        else:
+            groups = list(zero.real_dp_process_group)
+        check_partition_groups("deepspeed", [torch.distributed.get_world_size(group=g) for g in groups])
         if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
             return Zero3Layout(params, zero)
         return ZeroLayout(params, zero, 2 if zero.partition_gradients else 1)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-DATASET_INFO = "dataset_info.json"
+INFO_FILE = "dataset_info.json"
 
 
 def _temp_file(folder: Path, name: str, blob: bytes) -> str:
@@ -76,26 +76,44 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def local_dataset_dir(dataset_dir: Any) -> bool:
-    """False for what LLaMA-Factory resolves against a hub at run time (`ONLINE`, `REMOTE:...`)."""
-    return isinstance(dataset_dir, str) and dataset_dir != "ONLINE" and not dataset_dir.startswith("REMOTE:")
+class DatasetInfoError(ValueError):
+    """A local dataset_info.json that is missing (`missing`) or not valid JSON; the message names it."""
+
+    def __init__(self, path: str, reason: str, missing: bool):
+        super().__init__(f"{path} {reason}")
+        self.path, self.reason, self.missing = path, reason, missing
 
 
-def dataset_info_path(dataset_dir: str) -> str:
-    return os.path.join(dataset_dir, DATASET_INFO)
+def is_hub_dir(dataset_dir: Any) -> bool:
+    """True for a dataset_dir that LLaMA-Factory resolves against the Hub at run time (`ONLINE`,
+    `REMOTE:<repo>`): no local file, so `read_dataset_info` returns None and each caller decides
+    what that means (skip a check, hash the entry only, refuse a name)."""
+    return not isinstance(dataset_dir, str) or dataset_dir == "ONLINE" or dataset_dir.startswith("REMOTE:")
+
+
+def info_path(dataset_dir: str | os.PathLike) -> str:
+    return os.path.join(dataset_dir, INFO_FILE)
 
 
 def read_dataset_info(dataset_dir: Any) -> dict | None:
-    """The registry of a local `dataset_dir`, or None for a remote one. Raises FileNotFoundError or
-    json.JSONDecodeError (each caller words the error for its own key)."""
-    if not local_dataset_dir(dataset_dir):
+    """The parsed dataset_info.json of `dataset_dir`; None for a Hub dataset_dir. The one reader of
+    the registry: recipe checks, identities, probes, evaluation defaults and `preflight`."""
+    if isinstance(dataset_dir, os.PathLike):
+        dataset_dir = os.fspath(dataset_dir)
+    if is_hub_dir(dataset_dir):
         return None
-    with open(dataset_info_path(dataset_dir), encoding="utf-8") as f:
-        return json.load(f)
+    path = info_path(dataset_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DatasetInfoError(path, "does not exist", missing=True) from None
+    except json.JSONDecodeError as e:
+        raise DatasetInfoError(path, f"is not valid JSON ({e})", missing=False) from None
 
 
-def split_names(value: Any) -> list[str]:
-    """A comma-separated string or a list of names as a list of stripped, non-empty names."""
+def dataset_names(value: Any) -> list[str]:
+    """The names of a `dataset` / `eval_dataset` / `ogpsa_reference` value (comma-separated or a list)."""
     if value is None:
         return []
     if isinstance(value, str):

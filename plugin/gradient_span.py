@@ -94,6 +94,7 @@ class GradientSpan:
         builder = BasisBuilder(self.layout.like(), len(self.groups(ctx.refs)), self.settings.ogpsa_granularity,
                                reduce=self.layout.reduce, dtype=dtype)
         norms, tokens = self._fill(builder, ctx)
+        self.layout.check_no_pending_reduction()  # no reference gradient left queued in the engine
         self.basis = builder.finish()
         spread = rank_spread(self.basis, sharded=self.layout.sharded)
         if spread != 0.0:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from .engines import check_arguments
-from .files import dataset_info_path, local_dataset_dir, read_dataset_info
+from .files import DatasetInfoError, info_path, is_hub_dir, read_dataset_info
 from .reference import ReferenceDataError
 from .settings import OGPSAArguments, OGPSAConfigError, split_ogpsa_args
 
@@ -72,7 +72,7 @@ def _check(settings: OGPSAArguments, get: Callable[[str], Any], dataset_dir: Any
     """Run the checks unless these settings passed them in this process with the same values of every
     argument the checks read (recorded as they read them) and the same files behind them."""
     ours = json.dumps([dataclasses.asdict(settings), dataset_dir, os.environ.get("USE_V1"),
-                       _stamp(dataset_info_path(dataset_dir) if local_dataset_dir(dataset_dir) else None)],
+                       _stamp(None if is_hub_dir(dataset_dir) else info_path(dataset_dir))],
                       sort_keys=True, default=str)
     for reads in _checked.get(ours, []):
         if all(_seen(get(k)) == v for k, v in reads.items()):
@@ -107,16 +107,14 @@ def _stamp(path: Any) -> Any:
 
 def check_registered(names: list[str], dataset_dir: str, where: str = "") -> None:
     """Fail early, naming the file, when a reference set is not an SFT set in `dataset_info.json`."""
-    path = dataset_info_path(dataset_dir) if local_dataset_dir(dataset_dir) else ""
     try:
         info = read_dataset_info(dataset_dir)
-    except FileNotFoundError:
-        raise ReferenceDataError(
-            f"{where}ogpsa_reference: {path} does not exist (dataset_dir: {dataset_dir!r})") from None
-    except json.JSONDecodeError as e:
-        raise ReferenceDataError(f"{where}ogpsa_reference: {path} is not valid JSON ({e})") from None
+    except DatasetInfoError as e:
+        detail = f" (dataset_dir: {dataset_dir!r})" if e.missing else ""
+        raise ReferenceDataError(f"{where}ogpsa_reference: {e}{detail}") from None
     if info is None:
         return  # resolved by LLaMA-Factory against the Hub; errors surface when loading
+    path = info_path(dataset_dir)
     missing = [n for n in names if n not in info]
     if missing:
         raise ReferenceDataError(

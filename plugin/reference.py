@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
-from .dist import all_reduce_sum as _all_reduce_sum
-from .dist import world as _world
+from .dist import all_reduce_sum, rank_and_world
 from .settings import OGPSAConfigError
 
 IGNORE_INDEX = -100
@@ -177,7 +175,7 @@ def shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bo
     parameters, FSDP2 also reduce-scatters gradients) would otherwise wait forever on a rank that
     has finished.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     for indices in _plan(ref, batch_size, world)[rank]:
         batch = collator([dict(ref.features[i]) for i in indices])
         yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 1.0
@@ -192,10 +190,11 @@ def shard_batches(ref: ReferenceSet, batch_size: int, collator, device, even: bo
 class SetGradient:
     """One reference set's gradient, as the gradient functions yield it.
 
-    rows: the filled basis-row buffers; they hold `scale` x the gradient of the summed answer-token
-    NLL (of this rank's pieces when sharded). Token counts are over all ranks: answer tokens (the
-    loss's), input tokens (non-padding positions) and padded tokens (positions processed, top-up
-    batches included): padded / input is the work padding adds.
+    rows: the filled basis-row buffers; `scale` x rows is the gradient of the summed answer-token
+    NLL (of this rank's pieces when sharded), so `scale / answer_tokens` commits the mean's.
+    Token counts are over all ranks: answer tokens (the loss's), input tokens (non-padding
+    positions) and padded tokens (positions processed, top-up batches included): padded / input
+    is the work padding adds.
     """
 
     name: str
@@ -296,29 +295,26 @@ def reference_gradients(
                 if p.grad is not None and p.grad.data_ptr() != buf.data_ptr():
                     buf.copy_(p.grad.reshape(-1))
                 p.grad = None
-            _all_reduce_sum([counts, *buffers])
+            all_reduce_sum([counts, *buffers])
             yield _set_gradient(ref.name, [buf.view_as(p) for p, buf in zip(params, buffers)], counts)
 
 
-@contextlib.contextmanager
-def _engine_hooks_suspended(params: list[torch.nn.Parameter]):
-    """Empty, then restore, every parameter's post-accumulate-grad hooks.
+def _whole_gradients(params: list[torch.nn.Parameter], grads: list[torch.Tensor | None], layout) -> list[torch.Tensor]:
+    """One flat tensor per parameter, the same shapes on every rank, to be summed over ranks.
 
-    DeepSpeed ZeRO reduces each gradient into its partitions from such hooks as soon as autograd
-    accumulates it; a reference backward must not feed the engine, so its hooks see nothing. The
-    hook dicts are emptied in place (the autograd engine holds them) and refilled in order.
+    A parameter the backward did not reach on this rank has no `.grad`: every parameter when
+    `plan_batches` dealt this rank no batch of the set (fewer micro-batches than ranks), or an MoE
+    expert no token of this rank's batches was routed to. It contributes zeros of its full size,
+    so every rank enters the all-reduce with the same tensors, whatever it held; skipping it would
+    pair the later collectives with the wrong tensors (a hang or a corrupt basis).
     """
-    saved = []
-    for p in params:
-        hooks = getattr(p, "_post_accumulate_grad_hooks", None)
-        if hooks:
-            saved.append((hooks, list(hooks.items())))
-            hooks.clear()
-    try:
-        yield
-    finally:
-        for hooks, items in saved:
-            hooks.update(items)
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            out.append(torch.zeros(layout.full_numel(i), dtype=p.dtype, device=p.device))
+        else:
+            out.append(g.reshape(-1))
+    return out
 
 
 def sharded_reference_gradients(
@@ -335,10 +331,11 @@ def sharded_reference_gradients(
     """`reference_gradients` for a basis that holds only this rank's piece of each parameter
     (`layout`, a `ShardLayout`), or a basis of another dtype than the parameters.
 
-    Yields a `SetGradient` per set: its row buffers hold `scale` times the summed answer-token NLL
+    Yields a `SetGradient` per set: `scale` times its row buffers is the summed answer-token NLL
     gradient of this rank's pieces. Two ways, by engine:
     - FSDP2: the backward pass goes through FSDP, which reduce-scatters each micro-batch's
-      gradient into the local shard of `.grad` (averaged over ranks: scale = 1 / world).
+      gradient into the local shard of `.grad`, averaged over ranks: the rows hold the sum / world,
+      so scale = world.
     - otherwise (DDP, ZeRO-1/2/3): a plain backward with the engine's gradient hooks suspended,
       so autograd accumulates this rank's full gradient in `.grad` (ZeRO-3's module hooks still
       gather the parameters for forward and backward; gradient checkpointing works as in
@@ -346,7 +343,7 @@ def sharded_reference_gradients(
       beside the sharded basis, one full gradient, as a DDP step does.
     """
     through_engine = layout.engine == "fsdp2"
-    hooks = contextlib.nullcontext() if through_engine else _engine_hooks_suspended(params)
+    hooks = contextlib.nullcontext() if through_engine else layout.reduction_suspended()
     with _isolated(model, params, device), hooks:
         for ref in refs:
             buffers = rows()
@@ -355,22 +352,24 @@ def sharded_reference_gradients(
             for p in params:
                 p.grad = None
             if through_engine:
-                _all_reduce_sum([counts])
+                all_reduce_sum([counts])
                 for buf, g in zip(buffers, grads):
                     if g is not None:
                         buf.copy_(g._local_tensor.reshape(-1))
             else:
-                _all_reduce_sum([counts, *[g for g in grads if g is not None]])
-                for i, (buf, g) in enumerate(zip(buffers, grads)):
+                flat = _whole_gradients(params, grads, layout)
+                all_reduce_sum([counts, *flat])
+                for i, (buf, g) in enumerate(zip(buffers, flat)):
                     piece = layout.piece(i)
-                    if g is not None and piece.numel:
-                        buf.copy_(g.reshape(-1)[piece.start : piece.stop])
+                    if piece.numel:
+                        buf.copy_(g[piece.start : piece.stop])
+                del flat
             del grads
-            yield _set_gradient(ref.name, buffers, counts, 1.0 / _world()[1] if through_engine else 1.0)
+            yield _set_gradient(ref.name, buffers, counts, float(rank_and_world()[1]) if through_engine else 1.0)
 
 
 def num_batches(refs: list[ReferenceSet], batch_size: int, even: bool = False) -> int:
     """This rank's micro-batches over all sets (the fullest rank's with `even`)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     return sum(_most_batches(r, batch_size, world) if even else _batches_per_rank(r, batch_size, rank, world)
                for r in refs)

@@ -105,6 +105,16 @@ class OGPSAArguments:
         default=None,
         metadata={"help": "Micro-batch size for reference gradients (default: per_device_train_batch_size)."},
     )
+    ogpsa_save_basis: bool = field(
+        default=True,
+        metadata={
+            "help": "Save the subspace (the basis, or the null spaces) with every trainer checkpoint, so a resumed "
+            "run continues the uninterrupted one. false: checkpoints leave it out (a float32 basis takes 4 bytes "
+            "per trainable parameter and reference set, 12 with three sets: as much as the float32 master weights "
+            "and Adam's two states together, split over the ranks under ZeRO and FSDP2) and a resumed run "
+            "rebuilds it at the resume step."
+        },
+    )
     ogpsa_null_layers: str = field(
         default="mlp",
         metadata={
@@ -163,6 +173,12 @@ def _check_type(key: str, value: Any, annotation: Any, where: str) -> Any:
         choices = typing.get_args(hint)
         if value not in choices:
             raise OGPSAConfigError(f"{where}{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if hint is bool:  # YAML gives a bool; a command-line flag gives its text
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise OGPSAConfigError(f"{where}{key}: expected true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

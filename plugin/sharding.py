@@ -23,6 +23,7 @@ rebuild cuts each full reference gradient to it, so every rank stores 1/world of
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -85,6 +86,37 @@ class ShardLayout:
     def hook_step(self, before, after) -> Callable[[], None]:
         """Run before(group) / after(group) around the engine's step of each group; returns an undo."""
         raise NotImplementedError(f"{self.engine}: the trainer's callbacks take the step")
+
+    def _reduction_hooks(self) -> list[tuple[dict, Optional[set]]]:
+        """(hook dict, keys to take out or None for all) of every hook through which the engine
+        reduces gradients as autograd produces them: each parameter's post-accumulate-grad hooks
+        (DeepSpeed ZeRO registers its reduction there)."""
+        out = []
+        for p in self.params:
+            hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+            if hooks:
+                out.append((hooks, None))
+        return out
+
+    @contextlib.contextmanager
+    def reduction_suspended(self):
+        """Take the engine's gradient-reduction hooks out while a reference backward runs, then put
+        them back in their order: a reference gradient must not feed the engine's buckets. The
+        dicts are emptied in place (autograd and the modules hold them)."""
+        saved = []
+        for hooks, keys in self._reduction_hooks():
+            saved.append((hooks, list(hooks.items())))
+            for key in list(hooks) if keys is None else [k for k in list(hooks) if k in keys]:
+                del hooks[key]
+        try:
+            yield
+        finally:
+            for hooks, items in saved:
+                hooks.clear()
+                hooks.update(items)
+
+    def check_no_pending_reduction(self) -> None:
+        """Raise if the engine holds gradients queued for reduction (nothing to check unsharded)."""
 
 
 
@@ -159,6 +191,30 @@ class _FlatPartitionLayout(ShardLayout):
 
         return undo
 
+    def check_no_pending_reduction(self) -> None:
+        """After a rebuild: ZeRO's gradient buckets must be empty and no parameter marked reduced.
+
+        A reference backward runs with the reduction hooks taken out (`reduction_suspended`); a
+        DeepSpeed release that reduces through another path would leave the reference gradient in
+        a bucket, to be reduced into (or to break) the next training step. Fail loudly instead."""
+        buckets = getattr(self.optimizer, "ipg_buckets", None)
+        reduced = getattr(self.optimizer, "params_already_reduced", None)
+        if buckets is None or reduced is None:
+            raise RuntimeError(f"ogpsa: this DeepSpeed release keeps its {self.engine} gradient buckets under other "
+                               "names, so a rebuild cannot be checked; install deepspeed==0.19.8 (constraints.txt)")
+        queued = sum(len(b.params) for b in buckets.values()) + sum(bool(b.elements) for b in buckets.values())
+        marked = sum(map(bool, reduced.values() if isinstance(reduced, dict) else reduced))
+        # reduced gradient partitions live here until the engine steps (then None); a rebuild runs
+        # between steps, so any left means a reference gradient was reduced into the partitions
+        partial = sum(g is not None for g in getattr(self.optimizer, "averaged_gradients", {}).values())
+        if queued or marked or partial:
+            raise RuntimeError(
+                f"ogpsa: the {self.engine} engine holds a pending gradient reduction after a rebuild ({queued} queued, "
+                f"{marked} parameters marked reduced, {partial} groups with reduced gradients): the reference "
+                "backward reached DeepSpeed through a hook OGPSA does not suspend; install deepspeed==0.19.8 "
+                "(constraints.txt)"
+            )
+
     def check(self, master_of: Callable[[int], torch.Tensor]) -> None:
         """Every local piece must equal the engine's own copy of those weights (a layout check that
         fails loudly if a DeepSpeed version lays its partitions out differently)."""
@@ -223,6 +279,19 @@ class Zero3Layout(_FlatPartitionLayout):
 
     def full_numel(self, i: int) -> int:
         return self._full[i]
+
+    def _reduction_hooks(self) -> list[tuple[dict, Optional[set]]]:
+        """Also the full backward hooks DeepSpeed puts on ZeRO-3 leaf modules (MoE blocks that
+        LLaMA-Factory marks with `set_z3_leaf_modules`): their parameters are reduced from the
+        module's backward hook, not from per-parameter hooks. Only DeepSpeed's own hooks are taken
+        out of those modules (by handle id)."""
+        out = super()._reduction_hooks()
+        by_dict: dict[int, tuple[dict, set]] = {}
+        for handle in getattr(self.optimizer, "_leaf_module_hooks", []):
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None:
+                by_dict.setdefault(id(hooks), (hooks, set()))[1].add(handle.id)
+        return out + list(by_dict.values())
 
 
 class FSDP2Layout(ShardLayout):

@@ -102,6 +102,9 @@ def main(model_dir: str, out: str) -> None:
             "grad_norm": [sw.grad_norm, ss.grad_norm], "removed_fraction": [sw.removed_fraction, ss.removed_fraction],
             "cosines": [sw.cosines, ss.cosines], "in_span": [in_w, in_s],
             "basis_bytes": [bw.nbytes(), bs.nbytes(), int(local.item())], "ranks": [bw.rank(), bs.rank()],
+            # what a rebuild logs as grad_norm/<set>, and the coordinates conflict mode reads
+            "ref_norms": [bw.ref_norms.tolist(), bs.ref_norms.tolist()],
+            "coords": [max(float(c.abs().max()) for c in b.coords) for b in (bw, bs)],
         }
         with open(out, "w") as f:
             json.dump(report, f)

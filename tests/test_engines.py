@@ -13,6 +13,14 @@ def settings(**keys) -> OGPSAArguments:
     return OGPSAArguments(**{"ogpsa_reference": "a", **keys}, stage="ogpsa_sft")
 
 
+def bf16_optimizer_config(tmp_path, enabled="auto", accum="fp32") -> str:
+    """ZeRO-1 + bf16 + float32 gradient accumulation: DeepSpeed runs its BF16_Optimizer instead of ZeRO."""
+    path = tmp_path / f"ds_bf16_{enabled}_{accum}.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": enabled},
+                                "data_types": {"grad_accum_dtype": accum}}))
+    return str(path)
+
+
 def ds(tmp_path, stage=2, **zero) -> str:
     path = tmp_path / f"ds_{stage}.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": stage, **zero}}))
@@ -31,6 +39,7 @@ def ds(tmp_path, stage=2, **zero) -> str:
         ("pure_bf16", "pure_bf16: bf16 weights cannot resolve a small step"),
         ("use_mca", "use_mca: not supported"),
         ("use_galore", "use_galore: not supported"),
+        ("bf16_optimizer", "ZeRO-1 with bf16 and data_types.grad_accum_dtype 'fp32' runs DeepSpeed's BF16_Optimizer"),
     ],
 )
 def test_unsupported_set_ups_are_refused(tmp_path, case, message):
@@ -45,6 +54,8 @@ def test_unsupported_set_ups_are_refused(tmp_path, case, message):
         args["deepspeed"], keys["ogpsa_granularity"] = ds(tmp_path, 2), "global"
     elif case == "missing":
         args["deepspeed"] = str(tmp_path / "nope.json")
+    elif case == "bf16_optimizer":  # "auto" follows the run's bf16 flag, as the HF trainer fills it
+        args["deepspeed"], args["bf16"] = bf16_optimizer_config(tmp_path), True
     elif case == "fsdp1":
         args.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 1})
     else:
@@ -70,21 +81,40 @@ def test_supported_set_ups_pass(tmp_path, args, keys):
     check_arguments(args.get, settings(**keys), "")
 
 
+@pytest.mark.parametrize("enabled,bf16,accum", [("auto", False, "fp32"), (True, False, "bf16"), (True, True, None)])
+def test_zero1_bf16_without_fp32_accumulation_passes(tmp_path, enabled, bf16, accum):
+    """Only bf16 weights with float32 accumulation make DeepSpeed pick its BF16_Optimizer."""
+    path = tmp_path / "ds.json"
+    config = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": enabled}}
+    if accum:
+        config["data_types"] = {"grad_accum_dtype": accum}
+    path.write_text(json.dumps(config))
+    check_arguments({"deepspeed": str(path), "bf16": bf16}.get, settings(), "")
+
+
 def test_use_v1_is_refused(monkeypatch):
     monkeypatch.setenv("USE_V1", "1")
     with pytest.raises(OGPSAConfigError, match="USE_V1"):
         check_arguments({}.get, settings(), "")
 
 
-def test_refused_before_launch_exit_2_nothing_written(tiny, tmp_path):
+@pytest.mark.parametrize("case", ["offload", "bf16_optimizer"])
+def test_refused_before_launch_exit_2_nothing_written(tiny, tmp_path, case):
     out = tmp_path / "out"
-    config = ds(tmp_path, 3, offload_optimizer={"device": "cpu"})
-    cfg = base_config(tiny, out, deepspeed=config, **ogpsa_keys())
+    if case == "offload":
+        config, extra, message = ds(tmp_path, 3, offload_optimizer={"device": "cpu"}), {}, \
+            "config.yaml: deepspeed: zero_optimization.offload_optimizer"
+    else:
+        config, extra, message = bf16_optimizer_config(tmp_path), {"bf16": True}, \
+            "config.yaml: deepspeed: ZeRO-1 with bf16 and data_types.grad_accum_dtype 'fp32'"
+    cfg = base_config(tiny, out, deepspeed=config, **extra, **ogpsa_keys())
     proc = run_cli(cfg, tmp_path / "run", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ogpsa: error:")]
     assert proc.returncode == 2 and len(errors) == 1
-    assert "config.yaml: deepspeed: zero_optimization.offload_optimizer" in errors[0]
+    assert message in errors[0]
     assert not out.exists()
+    # refused before launch: no process loaded the tokenizer or the model
+    assert "distributed tasks" not in proc.stdout + proc.stderr and "trainable params" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("name", ["qwen_sft_dpo.yaml", "llama3_sft_dpo.yaml"])

@@ -32,6 +32,10 @@ def test_fsdp2_pieces_match_whole_tensors(tiny, tmp_path):
     assert r["rows"] < 1e-5  # every rank's rows are the matching slices of the whole basis
     assert r["grads"] < 1e-6 and r["weights"] < 1e-6
     assert r["grad_norm"][0] == pytest.approx(r["grad_norm"][1], rel=1e-5)
+    # the reference gradients' norms (logged as grad_norm/<set>) and coordinates: FSDP2 averages its
+    # reduce-scatter over the ranks, and the rows are scaled back to the sum
+    assert r["ref_norms"][1] == pytest.approx(r["ref_norms"][0], rel=1e-5)
+    assert r["coords"][1] == pytest.approx(r["coords"][0], rel=1e-5)
     assert r["removed_fraction"][0] == pytest.approx(r["removed_fraction"][1], rel=1e-4)
     assert r["cosines"][0] == pytest.approx(r["cosines"][1], rel=1e-4, abs=1e-6)
     assert r["in_span"][0] == pytest.approx(r["in_span"][1], rel=1e-4) and r["in_span"][0] > 0

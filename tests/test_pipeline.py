@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -104,7 +105,10 @@ def test_interrupted_stage_resumes_from_checkpoint(assets, tmp_path):
     shutil.rmtree(root / "02_dpo" / "checkpoint-8")
     proc = run_recipe(tmp_path)
     assert "01_sft: unchanged and done, skipped" in proc.stdout and "(resuming)" in proc.stdout
-    assert "Resuming training from" in proc.stderr + proc.stdout
+    # the resumed run's LLaMA-Factory log is appended to the stage's log, after the first run's
+    log = (root / "02_dpo" / "train.log").read_text()
+    assert log.count("\n=== ") == 2 and "Resuming training from" in log.split("\n=== ")[2]
+    assert "Resuming training from" not in proc.stderr + proc.stdout
     trainer_state = json.loads((root / "02_dpo" / "trainer_state.json").read_text())
     assert trainer_state["global_step"] == 8
     assert [h["step"] for h in trainer_state["log_history"] if "loss" in h][-4:] == [5, 6, 7, 8]
@@ -160,8 +164,25 @@ def test_bad_recipe_cli_exit_code_and_nothing_written(assets, tmp_path):
 
 def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     proc = subprocess.run([str(BIN / "ogpsa"), "quickstart", "--tiny", "--out", str(tmp_path / "qs")], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=900)
+                          capture_output=True, env={**os.environ, **ENV}, timeout=900)
+    # bytes decoded by hand: text mode would turn a progress bar's carriage returns into line breaks
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # quiet: a line per start and end and one bar per stage and evaluation; the full logs in files
+    console = proc.stdout + proc.stderr
+    assert console.count("\n") < 60, console  # 4 stages, 6 evaluations, the table: 49 lines
+    assert "Running training" not in console and "input_ids" not in console
+    for run in ("plain", "ogpsa"):
+        assert f"log: {tmp_path / 'qs' / run / 'eval_base.log'}" in proc.stdout
+        for stage, steps in (("01_sft", 24), ("02_dpo", 8)):
+            log = tmp_path / "qs" / run / stage / "train.log"
+            assert f"({'' if run == 'plain' else 'ogpsa_'}{stage[3:]}) from" in proc.stdout
+            assert f"log: {log}" in proc.stdout and f"log: {log.parent / 'eval.log'}" in proc.stdout
+            text = log.read_text()
+            assert "***** Running training *****" in text and "input_ids:" in text and "train_loss" in text
+            assert "[ogpsa eval] harmful: 8 probes" in (log.parent / "eval.log").read_text()
+            assert re.search(rf"{stage}: 100%\|[^|]*\| {steps}/{steps} \[", proc.stderr)  # the bar's last state
+    assert "input_ids:" not in (tmp_path / "qs" / "ogpsa" / "01_sft" / "eval.log").read_text()
     report = (tmp_path / "qs" / "report.md").read_text()
     assert "plain" in report and "ogpsa" in report
     assert (tmp_path / "qs" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -204,14 +225,14 @@ def fake_pipeline(assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trained, evaluated = [], []
 
-    def launch(argv, llamafactory=False):
+    def launch(argv, llamafactory=False, **console):
         out = Path(yaml.safe_load(Path(argv[1]).read_text())["output_dir"])
         trained.append(out.name)
         (out / "train_results.json").write_text('{"train_loss": 1.0}')
         return 0
 
     monkeypatch.setattr(runner, "_launch", launch)
-    monkeypatch.setattr(runner.Pipeline, "_evaluate_model", lambda self, model: evaluated.append(model) or {"metrics": {}})
+    monkeypatch.setattr(runner.Pipeline, "_evaluate_model", lambda self, model, *log: evaluated.append(model) or {"metrics": {}})
 
     def run(*overrides):
         trained.clear(), evaluated.clear()
@@ -264,9 +285,9 @@ def test_missing_model_folder_retrains_the_stage_and_every_later_one(fake_pipeli
     shutil.rmtree(root / "01_sft")
     on_disk = []  # what pipeline.json says about the DPO stage while the SFT stage retrains
 
-    def launch(argv, llamafactory=False):
+    def launch(argv, llamafactory=False, **console):
         on_disk.append(state(tmp_path)["stages"][1]["status"])
-        return fake_pipeline.launch(argv, llamafactory)
+        return fake_pipeline.launch(argv, llamafactory, **console)
 
     monkeypatch.setattr(runner, "_launch", launch)
     assert fake_pipeline("eval=null")[:2] == (0, ["01_sft", "02_dpo"])
@@ -274,6 +295,27 @@ def test_missing_model_folder_retrains_the_stage_and_every_later_one(fake_pipeli
     # a run killed during the SFT retrain would find DPO's old result already forgotten
     assert on_disk == ["pending", "running"]
     assert fake_pipeline("eval=null")[:2] == (0, [])
+
+
+def test_one_dataset_info_reader_for_recipes_identities_and_evaluation(tmp_path, monkeypatch):
+    from ogpsa.pipelines import recipe as recipes
+    from ogpsa.plugin.files import DatasetInfoError, dataset_names, read_dataset_info
+    from ogpsa.pipelines.probes import resolve_source
+
+    assert read_dataset_info("ONLINE") is None and read_dataset_info("REMOTE:org/data") is None
+    path = tmp_path / "dataset_info.json"
+    with pytest.raises(DatasetInfoError, match=f"{path} does not exist") as missing:
+        read_dataset_info(tmp_path)
+    path.write_text("{")
+    with pytest.raises(DatasetInfoError, match=f"{path} is not valid JSON") as invalid:
+        read_dataset_info(str(tmp_path))
+    assert missing.value.missing and not invalid.value.missing
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(recipes.RecipeError, match=f"stage 'sft': dataset_dir: {path} is not valid JSON"):
+        recipes.load(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), [f"dataset_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=f"dataset_dir {tmp_path}: {path} is not valid JSON"):
+        resolve_source("toy_harmful_eval", str(tmp_path))
+    assert dataset_names("a, b,") == ["a", "b"] and dataset_names(["a", 1]) == ["a", "1"] and dataset_names(None) == []
 
 
 def test_file_digests_stream_and_cover_folders(tmp_path):
@@ -325,9 +367,9 @@ def test_stale_lock_is_taken_over_and_a_foreign_one_refused(fake_pipeline, tmp_p
     lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "token": "x"}))
     holders = []
 
-    def launch(argv, llamafactory=False):
+    def launch(argv, llamafactory=False, **console):
         holders.append(json.loads(lock.read_text())["pid"])
-        return fake_pipeline.launch(argv, llamafactory)
+        return fake_pipeline.launch(argv, llamafactory, **console)
 
     monkeypatch.setattr(runner, "_launch", launch)
     assert fake_pipeline("eval=null")[:2] == (0, ["01_sft", "02_dpo"])
@@ -346,7 +388,9 @@ def test_real_runs_retrain_on_changed_data_and_on_a_deleted_model(assets, tmp_pa
     """The same decisions with real training (2 steps per stage, no evaluation)."""
     args = ("eval=null", "max_steps=2")
     root = tmp_path / "runs" / "tiny_sft_dpo"
-    run_recipe(tmp_path, *args)
+    first = run_recipe(tmp_path, *args)
+    assert "Running training" not in first.stdout + first.stderr
+    assert "***** Running training *****" in (root / "01_sft" / "train.log").read_text()
     sft_weights = (root / "01_sft" / "model.safetensors").stat().st_mtime_ns
     edit_json(assets / "data" / "toy_safety_dpo.json", lambda rows: rows[0].update(rejected="Sure, here is how."))
     proc = run_recipe(tmp_path, *args)
@@ -354,8 +398,63 @@ def test_real_runs_retrain_on_changed_data_and_on_a_deleted_model(assets, tmp_pa
     assert (root / "01_sft" / "model.safetensors").stat().st_mtime_ns == sft_weights
     dpo_weights = (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns
     shutil.rmtree(root / "01_sft")
-    proc = run_recipe(tmp_path, *args)
+    proc = run_recipe(tmp_path, *args, "--verbose")  # today's full output on the console, no log files
     assert "01_sft: finished, but its model folder" in proc.stdout and "stage 02_dpo (ogpsa_dpo) from" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("***** Running training *****") == 2
+    assert not (root / "01_sft" / "train.log").exists() and not (root / "02_dpo" / "train.log").exists()
     assert (root / "01_sft" / "model.safetensors").exists()
     assert (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns != dpo_weights
     assert [s["status"] for s in state(tmp_path)["stages"]] == ["done", "done"]
+
+
+def test_failing_stage_shows_its_log_tail_and_exits_non_zero(assets, tmp_path, monkeypatch, capfd):
+    """A stage that fails inside LLaMA-Factory: the console gets the tail of its log, names the file,
+    and the runner returns the stage's exit code."""
+    from ogpsa.pipelines import console, runner
+
+    (tmp_path / "not_a_model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code = runner.run_recipe(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), ["eval=null", "model_name_or_path=not_a_model"])
+    out, err = capfd.readouterr()
+    log = tmp_path / "runs" / "tiny_sft_dpo" / "01_sft" / "train.log"
+    assert code == 1 and state(tmp_path)["stages"][0]["status"] == "failed"
+    assert f"ogpsa: stage 'sft' failed (exit 1); full log: {log}; rerun the same command to resume" in err
+    lines = log.read_text().rstrip("\n").split("\n")
+    assert len(lines) > console.TAIL_LINES + 20 and "Traceback" in log.read_text()
+    assert f"--- last {console.TAIL_LINES} lines of {log} ---\n" + "\n".join(lines[-console.TAIL_LINES:]) in err
+    assert lines[-console.TAIL_LINES - 1] not in out + err and "Traceback" not in out + err
+
+
+def test_console_captures_everything_into_the_log_and_shows_the_tail_of_a_failure(tmp_path, capfd):
+    """In-process work (evaluations, preparation): file descriptors 1 and 2 go to the log, whoever
+    writes; an exception lands in the log, its tail on the terminal, and is raised again."""
+    import logging
+
+    from ogpsa.pipelines.console import Console, TqdmInLog, TrainerSteps
+
+    log = tmp_path / "work.log"
+    # made before, as library handlers are, on fd 2 (sys.stderr's own fd outside pytest's capture)
+    handler = logging.StreamHandler(open(2, "w", closefd=False))
+    with Console().captured(str(log), "work"):
+        print("from print")
+        os.write(2, b"from fd 2\n")
+        handler.emit(logging.makeLogRecord({"msg": "from a logging handler"}))
+    out, err = capfd.readouterr()
+    assert out == err == ""  # (on a pipe an in-process bar leaves nothing: its caller's closing line follows)
+    assert all(f"from {w}" in log.read_text() for w in ("print", "fd 2", "a logging handler"))
+    with pytest.raises(RuntimeError, match="boom"):
+        with Console().captured(str(log), "work"):
+            print("\n".join(f"line {i}" for i in range(100)))
+            raise RuntimeError("boom")
+    out, err = capfd.readouterr()
+    assert "RuntimeError: boom" in err and "line 99" in err and "line 40" not in err
+    assert "line 40" in log.read_text() and "RuntimeError: boom" in log.read_text()
+    with Console(verbose=True).captured(str(tmp_path / "none.log"), "work"):
+        print("straight through")
+    assert "straight through" in capfd.readouterr().out and not (tmp_path / "none.log").exists()
+    # the bars' sources: LLaMA-Factory's trainer_log.jsonl, and tqdm lines in a log
+    rows = [{"current_steps": 1, "total_steps": 8, "loss": 2.5}, {"current_steps": 8, "total_steps": 8}]
+    (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"current_st')
+    assert TrainerSteps(str(tmp_path)).poll() == (8, 8, "loss 2.5")
+    (tmp_path / "bars.log").write_text("x\n\rharmful:  40%|####      | 4/10 [00:01<00:01]\rharmful:  50%|#####     | 5/10")
+    assert TqdmInLog(str(tmp_path / "bars.log")).poll() == (5, 10, "harmful")

@@ -3,6 +3,8 @@ update-target coordinates travel with every checkpoint."""
 
 import shutil
 
+import pytest
+
 from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
 
 from ogpsa.pipelines.runner import summarize
@@ -68,3 +70,47 @@ def test_a_basis_saved_under_other_settings_is_not_reused(tiny, tmp_path):
     assert "was saved with reference=" in proc.stderr + proc.stdout
     rebuilds = [r for r in ogpsa_log(tmp_path / "out") if r.get("event") == "rebuild"]
     assert [(r["step"], r["rank"]) for r in rebuilds] == [(0, 3), (2, 2)]
+
+
+@pytest.mark.scaleout  # three one-process runs
+def test_checkpoints_without_the_basis_resume_with_a_rebuild(tiny, tmp_path):
+    """ogpsa_save_basis: false: no basis in the checkpoint (the default's is 4 bytes per trainable
+    parameter and reference set in float32), and a resume rebuilds at its step and trains on."""
+    import torch
+
+    cfg = base_config(tiny, None, max_steps=4, save_strategy="steps", save_steps=2, overwrite_output_dir=False,
+                      **ogpsa_keys(ogpsa_refresh_steps=3))
+    full, slim = tmp_path / "full", tmp_path / "slim"
+    run_cli({**cfg, "output_dir": str(full)}, tmp_path / "run_full")
+    run_cli({**cfg, "output_dir": str(slim), "ogpsa_save_basis": False}, tmp_path / "run_slim")
+    numel = sum(t.numel() for t in load_state(full).values())
+    saved = full / "checkpoint-2" / "ogpsa" / "rank0-of-1.pt"
+    size = saved.stat().st_size
+    print(f"basis file {size} bytes for {numel} trainable parameters and 3 reference sets ({size / numel:.2f} B each)")
+    basis_bytes = next(r for r in ogpsa_log(full) if r.get("event") == "rebuild")["basis_bytes"]
+    assert basis_bytes <= 12 * numel <= basis_bytes + 65536 and basis_bytes <= size <= basis_bytes + 65536
+    assert torch.load(saved, weights_only=True)["basis"]["directions"][0].dtype == torch.float32
+    for step in (2, 4):
+        assert (slim / f"checkpoint-{step}" / "model.safetensors").exists()
+        assert not (slim / f"checkpoint-{step}" / "ogpsa").exists()
+
+    _interrupt_after(slim, 2, 4)
+    proc = run_cli({**cfg, "output_dir": str(slim), "ogpsa_save_basis": False,
+                    "resume_from_checkpoint": str(slim / "checkpoint-2")}, tmp_path / "run_resume")
+    assert "ogpsa_save_basis is false: rebuilding the subspace at the resume step 2" in proc.stderr + proc.stdout
+    assert [r["step"] for r in ogpsa_log(slim) if r.get("event") == "rebuild"] == [0, 2, 3]
+    assert [r["step"] for r in ogpsa_log(slim) if "removed_fraction" in r] == [1, 2, 3, 4]
+    assert all(r["removed_fraction"] > 0 for r in ogpsa_log(slim) if "removed_fraction" in r)
+    assert load_state(slim).keys() == load_state(full).keys()
+    assert not (slim / "checkpoint-4" / "ogpsa").exists()
+
+
+def test_save_basis_setting_is_a_boolean():
+    from ogpsa.plugin.settings import OGPSAConfigError, split_ogpsa_args
+
+    base = {"stage": "ogpsa_sft", "ogpsa_reference": "a"}
+    assert split_ogpsa_args(base)[0].ogpsa_save_basis is True
+    assert split_ogpsa_args({**base, "ogpsa_save_basis": False})[0].ogpsa_save_basis is False
+    assert split_ogpsa_args({**base, "ogpsa_save_basis": "false"})[0].ogpsa_save_basis is False  # --flag text
+    with pytest.raises(OGPSAConfigError, match="x.yaml: ogpsa_save_basis: expected true or false, got 1"):
+        split_ogpsa_args({**base, "ogpsa_save_basis": 1}, "x.yaml: ")

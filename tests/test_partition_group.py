@@ -1,0 +1,38 @@
+"""ZeRO partitioning within a data-parallel group narrower than the world is refused (scale-out suite).
+
+The projection's inner products and a rebuild's reference gradients are summed over the whole
+world; with DeepSpeed's MiCS, expert groups, sequence or tensor parallelism a ZeRO rank partitions
+within a smaller group, so those sums would count each piece once per replica. `detect` reads the
+group sizes from the real ZeRO optimizer (`tests/partition_group_worker.py`, 2 processes, gloo).
+The same engine also drives the check every rebuild ends with (no pending gradient reduction).
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ENV
+
+pytestmark = pytest.mark.scaleout
+
+
+def test_partition_group_narrower_than_the_world_is_refused(tiny, tmp_path):
+    out = tmp_path / "report.json"
+    worker = Path(__file__).with_name("partition_group_worker.py")
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(worker), tiny["model"], str(out)],
+        env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    print(report)
+    assert report["world"] == "ok: zero2"
+    assert report["alone"] == ("refused: deepspeed: the optimizer partitions over process groups of 1 ranks, not all 2 "
+                               "(MiCS, expert, sequence or tensor parallelism); OGPSA stages reduce over the whole "
+                               "world and support plain data parallelism only")
+    # the check run after every rebuild: silent when the hooks were taken out, loud when a backward
+    # reached ZeRO's reduction (as a reference backward would under a DeepSpeed that reduces another way)
+    assert report["pending_suspended"] == "none"
+    assert report["pending_plain"].startswith("ogpsa: the zero2 engine holds a pending gradient reduction")
