@@ -619,8 +619,8 @@ def test_atomic_writes_give_the_usual_file_mode_and_leave_nothing_on_failure(tmp
 
 
 def test_demo_rows_are_disjoint_and_complete():
-    """`ogpsa data demo`'s sets (the model's answers stubbed): every prompt belongs to one set only,
-    so no probe was trained on or used as a reference."""
+    """`ogpsa data demo`'s sets (answers stubbed: the self-distilled ones need the model): every
+    prompt belongs to one set only, so no probe was trained on or used as a reference."""
     from ogpsa.data_prep import demo
 
     rows = demo.build_rows(lambda prompts: [f"answer {i}" for i in range(len(prompts))])
@@ -635,44 +635,3 @@ def test_demo_rows_are_disjoint_and_complete():
     sft_refusals = {r["instruction"]: r["output"] for r in rows["demo_safety_sft"] if r["output"] in demo.REFUSALS}
     assert all(sft_refusals.get(r["instruction"]) == r["output"] for r in rows["demo_safety_ref"])
     assert all(r["output"].rsplit("#### ", 1)[1].strip().lstrip("-").isdigit() for r in rows["demo_math_train"])
-
-
-def test_demo_probes_are_not_the_models_answers_and_the_benign_half_is_another_kind():
-    """The demo shows an alignment tax only if nothing trains the probes' answers in: the model's own
-    text appears only as the DPO rejected side, the capability probes and references carry the
-    project's answers, and the benign SFT half is string tasks with exact answers, not probe-like."""
-    from ogpsa.data_prep import demo
-
-    asked = []
-
-    def own(prompts):
-        asked.extend(prompts)
-        return [f"model says {i}" for i in range(len(prompts))]
-
-    rows = demo.build_rows(own)
-    assert [r["rejected"] for r in rows["demo_safety_dpo"]] == [f"model says {i}" for i in range(64)]
-    assert asked == [r["instruction"] for r in rows["demo_safety_dpo"]]
-    assert all(r["chosen"] in demo.REFUSALS for r in rows["demo_safety_dpo"])
-    for name in ("math", "general", "hhh"):
-        for split in ("ref", "eval"):
-            outs = [r["output"] for r in rows[f"demo_{name}_{split}"]]
-            assert outs and all(o and "model says" not in o for o in outs), (name, split)
-    assert len(rows["demo_hhh_eval"]) == 16 and len(rows["demo_general_eval"]) == 32
-    benign = [r for r in rows["demo_safety_sft"] if r["output"] not in demo.REFUSALS]
-    assert len(benign) == 64
-    for r in benign:
-        word = r["instruction"].split("'")[1] if "'" in r["instruction"] else None
-        if "backwards" in r["instruction"]:
-            assert r["output"] == word[::-1]
-        elif "capital letters" in r["instruction"]:
-            assert r["output"] == word.upper()
-        elif r["instruction"].startswith("Sort"):
-            words = r["instruction"].split(": ", 1)[1].rstrip(".").split(", ")
-            assert r["output"] == ", ".join(sorted(words))
-    probe_prompts = {r["instruction"] for n in ("general", "hhh") for s in ("ref", "eval") for r in rows[f"demo_{n}_{s}"]}
-    assert not any(r["instruction"] in probe_prompts or len(r["output"]) > 60 for r in benign)
-    # over-refusal probes: half look like harmful requests (same phrasings, benign activities)
-    lookalike = [r for r in rows["demo_benign_eval"] if any(a in r["instruction"] for a in demo.SAFE_LOOKALIKES)]
-    assert len(lookalike) == 16 and rows["demo_benign_eval"][0] in lookalike and rows["demo_benign_eval"][1] not in lookalike
-    # same seed, same rows; another seed, other rows
-    assert demo.build_rows(own) == rows and demo.build_rows(own, seed=1) != rows
