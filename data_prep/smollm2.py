@@ -56,10 +56,29 @@ def find_gguf() -> Path:
     raise SmolError(f"{GGUF_NAME} not found in {list(spec.submodule_search_locations)}; reinstall: {INSTALL}")
 
 
+# transformers 5.5 saves the GGUF's byte-level BPE tokenizer as `CodeLlamaTokenizer`, and that class,
+# on loading, replaces the ByteLevel pre-tokenizer and decoder of tokenizer.json with SentencePiece's
+# Metaspace: words split wrongly, "\n" becomes <|endoftext|>, decoded text shows "Ġ". The generic
+# class loads tokenizer.json as written.
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
 def is_converted(out_dir: Path) -> bool:
-    """Whether `out_dir` holds a finished conversion (marker, config, weights, tokenizer)."""
+    """Whether `out_dir` holds a finished conversion (marker, config, weights, a tokenizer that loads
+    as saved); a folder from before the tokenizer fix is converted again."""
     needed = [MARKER, "config.json", "model.safetensors", "tokenizer_config.json"]
-    return all((out_dir / n).is_file() for n in needed)
+    if not all((out_dir / n).is_file() for n in needed):
+        return False
+    config = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return config.get("tokenizer_class") == TOKENIZER_CLASS
+
+
+def fix_tokenizer_class(folder: Path) -> None:
+    """Make a saved tokenizer load with `TOKENIZER_CLASS` (see there)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = TOKENIZER_CLASS
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def load_gguf(gguf: Path):
@@ -88,6 +107,7 @@ def convert(out_dir: str | os.PathLike = DEFAULT_OUT, force: bool = False) -> Pa
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fix_tokenizer_class(tmp)
         marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "eos_token": EOS, "pad_token": PAD,
                   "template": "qwen", "default_system": SYSTEM, "convert_seconds": round(time.time() - start, 1)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")

