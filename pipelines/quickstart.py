@@ -20,6 +20,7 @@ stage's full LLaMA-Factory log is in its folder (`train.log`, `eval.log`); `--ve
 from __future__ import annotations
 
 import argparse
+import shutil
 import os
 from pathlib import Path
 
@@ -38,8 +39,13 @@ def recipe_path(name: str) -> Path:
 def prepare_smollm2(out: Path) -> tuple[str, str]:
     from ..data_prep import demo, smollm2
 
+    fresh_model = not smollm2.is_converted(out / "model")
     model = smollm2.convert(out / "model")
     data = out / "data"
+    if fresh_model and data.exists():
+        # the demo's benign answers are the model's own: data made with an earlier conversion (e.g. a
+        # tokenizer saved under the wrong class) would not match this one
+        shutil.rmtree(data)
     if not (data / "dataset_info.json").exists():
         demo.build(str(data), str(model))
     return str(model), str(data)
