@@ -20,8 +20,8 @@ stage's full LLaMA-Factory log is in its folder (`train.log`, `eval.log`); `--ve
 from __future__ import annotations
 
 import argparse
-import shutil
 import os
+import shutil
 from pathlib import Path
 
 from .console import Console
