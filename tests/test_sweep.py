@@ -81,13 +81,13 @@ def fake_training(assets, monkeypatch):
 
     trained, evaluated = [], []
 
-    def launch(argv, llamafactory=False):
+    def launch(argv, llamafactory=False, **console):
         out = Path(yaml.safe_load(Path(argv[1]).read_text())["output_dir"])
         trained.append(f"{out.parent.name}/{out.name}")
         (out / "train_results.json").write_text('{"train_loss": 1.0}')
         return 0
 
-    def evaluate(self, model):
+    def evaluate(self, model, *log):
         evaluated.append(model)
         return {"metrics": {"refusal_harmful": 0.5, "refusal_benign": 0.1, "nll/math": 1.0, "nll_mean": 1.0}}
 
