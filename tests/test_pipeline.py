@@ -300,6 +300,7 @@ def test_missing_model_folder_retrains_the_stage_and_every_later_one(fake_pipeli
 def test_one_dataset_info_reader_for_recipes_identities_and_evaluation(tmp_path, monkeypatch):
     from ogpsa.pipelines import recipe as recipes
     from ogpsa.plugin.files import DatasetInfoError, dataset_names, read_dataset_info
+    from ogpsa.plugin.settings import OGPSAConfigError
     from ogpsa.pipelines.probes import resolve_source
 
     assert read_dataset_info("ONLINE") is None and read_dataset_info("REMOTE:org/data") is None
@@ -311,7 +312,8 @@ def test_one_dataset_info_reader_for_recipes_identities_and_evaluation(tmp_path,
         read_dataset_info(str(tmp_path))
     assert missing.value.missing and not invalid.value.missing
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(recipes.RecipeError, match=f"stage 'sft': dataset_dir: {path} is not valid JSON"):
+    # the recipe's first check that reads the file (its reference sets, through the one preflight) names it
+    with pytest.raises(OGPSAConfigError, match=f"stage 'sft': .*{re.escape(str(path))} is not valid JSON"):
         recipes.load(str(ROOT / "recipes" / "tiny_sft_dpo.yaml"), [f"dataset_dir={tmp_path}"])
     with pytest.raises(ValueError, match=f"dataset_dir {tmp_path}: {path} is not valid JSON"):
         resolve_source("toy_harmful_eval", str(tmp_path))
