@@ -28,6 +28,7 @@ def train(tiny, tmp_path, workflow, nproc, label, **keys):
     return out
 
 
+@pytest.mark.scaleout  # 2-process pairs: multi-process runs belong to the scale-out suite (default suite time)
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_processes_match_one(tiny, tmp_path, stage):
     states = {}
