@@ -17,12 +17,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
-import contextlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# stdlib-only helpers shared with the training side, re-exported for this package's modules
+from ..plugin.files import atomic_dir, norm_text, temp_file, write_atomic, write_json_atomic  # noqa: F401
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -42,11 +42,6 @@ class Record:
     def at(self) -> str:
         """`file: row N` prefix for messages."""
         return f"{self.where}: row {self.index}"
-
-
-def norm_text(text: str) -> str:
-    """Whitespace- and case-normalised key used for deduplication and disjointness."""
-    return " ".join(text.split()).casefold()
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -244,48 +239,12 @@ def write_outputs(
     return _write_all(out, blobs)
 
 
-def _temp_file(folder: Path, name: str, blob: bytes) -> str:
-    """`blob` in a new hidden temp file in `folder` (same file system as the target, so the rename is
-    atomic), with the mode a plain `open(..., "w")` would give; returns its path."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` (text as UTF-8) to `path` through a temp file and a rename: readers see the old
-    file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_file(path.parent, path.name, data.encode("utf-8") if isinstance(data, str) else data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """`obj` as indented JSON (keys sorted for a dict; a value JSON cannot hold, as its str), atomically."""
-    text = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=isinstance(obj, dict), default=str) + "\n"
-    return write_atomic(path, text)
-
-
 def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     temps: dict[str, str] = {}
     try:
         for file_name, blob in blobs.items():
-            temps[file_name] = _temp_file(out, file_name, blob)
+            temps[file_name] = temp_file(out, file_name, blob)
         for file_name, tmp in temps.items():  # registry last: it only names files already in place
             os.replace(tmp, out / file_name)
     finally:
@@ -293,20 +252,3 @@ def _write_all(out: Path, blobs: dict[str, bytes]) -> list[Path]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return [out / name for name in blobs]
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yield a temp folder next to `target`; on success it replaces `target`, on error it vanishes."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

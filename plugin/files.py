@@ -2,7 +2,7 @@
 
 Atomic writes and folders (readers see the old file or the new one, never half of one), short content hashes,
 the one reader of a run's `dataset_info.json`, comma-separated name lists and prompt normalisation.
-`ogpsa.data_prep` keeps its own copies: it imports no training code.
+Standard library only, so `ogpsa.data_prep` (which imports no training code) uses them too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 INFO_FILE = "dataset_info.json"
 
 
-def _temp_file(folder: Path, name: str, blob: bytes) -> str:
+def temp_file(folder: Path, name: str, blob: bytes) -> str:
     """`blob` in a new hidden temp file in `folder` (same file system as the target, so the rename is
     atomic), with the mode a plain `open(..., "w")` would give; returns its path."""
     umask = os.umask(0o022)
@@ -39,7 +39,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write `data` (text as UTF-8) to `path` through a temp file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_file(path.parent, path.name, data.encode("utf-8") if isinstance(data, str) else data)
+    tmp = temp_file(path.parent, path.name, data.encode("utf-8") if isinstance(data, str) else data)
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -18,6 +18,8 @@ SCRIPTS = {"ogpsa.pipelines.integration.worker.ogpsa_lf_worker"}
 MATHS = {"ogpsa.plugin.projection", "ogpsa.plugin.nullspace"}
 # Entry points of the `ogpsa` command may start the integration layer above them.
 ENTRIES = {"ogpsa.pipelines", "ogpsa.pipelines.cli"}
+# Standard-library-only helpers that data_prep shares with the training side (one copy of each).
+SHARED_WITH_DATA_PREP = {"ogpsa.plugin", "ogpsa.plugin.files"}
 
 
 def _modules() -> dict[str, Path]:
@@ -115,7 +117,7 @@ def test_imports_point_down():
     graph = _edges()
     for name, targets in graph.items():
         if name.startswith("ogpsa.data_prep"):
-            assert all(t.startswith("ogpsa.data_prep") for t in targets), (name, targets)
+            assert all(t.startswith("ogpsa.data_prep") or t in SHARED_WITH_DATA_PREP for t in targets), (name, targets)
         if name.startswith("ogpsa.plugin"):
             assert all(t.startswith("ogpsa.plugin") for t in targets), (name, targets)
         if name in MATHS:
@@ -124,3 +126,13 @@ def test_imports_point_down():
             up = {t for t in targets if t.startswith("ogpsa.pipelines.integration")}
             assert not up or name in ENTRIES, (name, up)
 
+
+
+def test_what_data_prep_shares_imports_only_the_standard_library():
+    """data_prep imports no training code: what it takes from the plugin must not pull any in."""
+    import sys
+
+    for name in SHARED_WITH_DATA_PREP:
+        for target, _, level, _ in _imports(name, MODULES[name]):
+            top = target.split(".")[0]
+            assert level == 0 and (top in sys.stdlib_module_names or top == "__future__"), (name, target)
