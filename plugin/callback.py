@@ -174,7 +174,7 @@ class OGPSACallback(TrainerCallback):
         start = time.perf_counter()
         ctx = BuildContext(model=model, refs=self.refs, collator=self.collator, step=state.global_step,
                            world_size=args.world_size, is_main=state.is_world_process_zero, followup=followup,
-                           reference_pass=lambda label: self._reference_pass(args, state, label))
+                           reference_pass=lambda label, refs=None: self._reference_pass(args, state, label, refs))
         fields = self.constraint.build(ctx)
         self.built_at_step = state.global_step
         self.rebuilds += 1
@@ -185,12 +185,14 @@ class OGPSACallback(TrainerCallback):
         self._last_rebuild = event
         self._write(event)
 
-    def _reference_pass(self, args, state, label: str):
-        """(micro-batch size, progress bar over this rank's micro-batches) of one pass over the reference sets."""
+    def _reference_pass(self, args, state, label: str, refs=None):
+        """(micro-batch size, progress bar over this rank's micro-batches) of one pass over `refs` (the
+        reference sets, or the groups a constraint splits them into)."""
         from tqdm.auto import tqdm
 
         batch_size = self.settings.ogpsa_reference_batch_size or args.per_device_train_batch_size
-        bar = tqdm(total=num_batches(self.refs, batch_size, even=self.layout.collective_forward),
+        bar = tqdm(total=num_batches(self.refs if refs is None else refs, batch_size,
+                                     even=self.layout.collective_forward),
                    desc=f"{label} @ step {state.global_step}", disable=not state.is_world_process_zero, leave=False)
         return batch_size, bar
 

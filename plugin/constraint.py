@@ -57,8 +57,9 @@ class BuildContext:
     world_size: int
     is_main: bool
     followup: bool  # a follow-up rebuild (see `followup_due`)
-    # reference_pass(label) -> (micro-batch size, progress bar over this rank's micro-batches)
-    reference_pass: Callable[[str], tuple[int, Any]] = field(repr=False)
+    # reference_pass(label, refs=None) -> (micro-batch size, progress bar over this rank's micro-batches
+    # of `refs`, default `self.refs`)
+    reference_pass: Callable[..., tuple[int, Any]] = field(repr=False)
 
 
 class Constraint(Protocol):

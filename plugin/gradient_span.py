@@ -126,8 +126,8 @@ class GradientSpan:
         # zero-copy (autograd accumulates into the basis rows) needs whole parameters in their own dtype
         direct = not layout.sharded and all(r.dtype == p.dtype for r, p in zip(builder.next_row(), self.params))
         norms, tokens = {}, {}
-        batch_size, bar = ctx.reference_pass("ogpsa rebuild")
         refs = self.groups(ctx.refs)
+        batch_size, bar = ctx.reference_pass("ogpsa rebuild", refs)  # the bar counts the groups' micro-batches
         if direct:
             grads = reference_gradients(ctx.model, self.params, refs, ctx.collator, batch_size, device,
                                         builder.next_row, bar)

@@ -156,8 +156,15 @@ def split_basis(tiny, r: int):
     span = GradientSpan(settings)
     span.setup(SetupContext(model=model, params=params, layout=Replicated(params), is_main=True))
     bar = tqdm(disable=True)
+    passed = []  # the sets each reference pass is over: its progress bar counts their micro-batches
+
+    def reference_pass(label, refs=None):
+        passed.append(refs)
+        return 2, bar
+
     span.build(BuildContext(model=model, refs=sets, collator=make_collator(model), step=0, world_size=1, is_main=True,
-                            followup=False, reference_pass=lambda label: (2, bar)))
+                            followup=False, reference_pass=reference_pass))
+    assert passed == [span.groups(sets)]
     return span, model, params, span.groups(sets), make_collator(model)
 
 
