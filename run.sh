@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${OGPSA_VENV:-.venv}"
+# No wheel cache: the CUDA build of torch and its libraries are about 4 GB, and a cached copy
+# beside the installed one doubled the peak disk use (a CI machine ran out of space).
+export PIP_NO_CACHE_DIR="${PIP_NO_CACHE_DIR:-1}"
 marker="$venv/.ogpsa-installed"
 if [ ! -f "$marker" ]; then
   echo "run.sh: creating $venv with the pinned builds (constraints.txt)" >&2
