@@ -62,8 +62,10 @@ def config(assets: dict, out: Path, keys: dict, steps: int, samples: int) -> dic
     return cfg
 
 
-def losses(model_dir: str, assets: dict, names: list[str]) -> dict[str, float]:
-    """Mean answer-token NLL per dataset, tokenised by LLaMA-Factory with the training template."""
+def losses(model_dir: str, assets: dict, names: list[str], adapter: str | None = None,
+           **overrides) -> dict[str, float]:
+    """Mean answer-token NLL per dataset, tokenised by LLaMA-Factory with the training template (of
+    `model_dir` with the LoRA adapter in `adapter` merged, when given)."""
     import torch
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
@@ -75,12 +77,17 @@ def losses(model_dir: str, assets: dict, names: list[str]) -> dict[str, float]:
     probe = Path(model_dir) / "_probe"
     args = config(assets, probe, {}, 1, 1)
     args["model_name_or_path"] = model_dir
+    args.update(overrides)  # e.g. the template and cutoff_len a real model trains with
     model_args, data_args, training_args, _, _ = get_train_args(args)
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     sets = tokenize_reference_sets(names, 10_000, template, tokenizer, None, model_args, data_args, training_args)
     shutil.rmtree(probe, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
                                                   tokenizer=tokenizer)
     out = {}

@@ -143,8 +143,8 @@ class OGPSACallback(TrainerCallback):
         restored = state.global_step > 0 and self.settings.ogpsa_save_basis and self._restore(args, state)
         if state.global_step > 0 and not self.settings.ogpsa_save_basis and state.is_world_process_zero:
             logger.info(f"ogpsa: ogpsa_save_basis is false: rebuilding the subspace at the resume step {state.global_step}")
-        if not restored:
-            self.rebuild(args, state, model)  # fails (non-finite, ...) before anything is written
+        if not restored:  # fails (non-finite, ...) before anything is written
+            self.rebuild(args, state, model, reason="start" if state.global_step == 0 else "resume")
         if self.layout.steps_inside_engine:
             self._undo_hook = self.layout.hook_step(self._project_group, self._project_group_step)
         if state.is_world_process_zero:
@@ -164,13 +164,14 @@ class OGPSACallback(TrainerCallback):
         due, followup = rebuild_due(state.global_step, self.built_at_step, self.settings.refresh_steps,
                                     self.constraint.followup_due)
         if due or followup:
-            self.rebuild(args, state, model, followup=followup)
+            self.rebuild(args, state, model, followup=followup, reason="followup" if followup else "scheduled")
         self._step_args = (args, state)
 
-    def rebuild(self, args, state, model, followup: bool = False) -> None:
+    def rebuild(self, args, state, model, followup: bool = False, reason: str = "scheduled") -> None:
         """Build the constraint's state at the current weights and log the build.
 
-        followup: this build re-measures what the last one could not (`Constraint.followup_due`)."""
+        followup: this build re-measures what the last one could not (`Constraint.followup_due`).
+        reason: why it runs, logged ("start", "resume", "scheduled", "followup")."""
         start = time.perf_counter()
         ctx = BuildContext(model=model, refs=self.refs, collator=self.collator, step=state.global_step,
                            world_size=args.world_size, is_main=state.is_world_process_zero, followup=followup,
@@ -180,7 +181,8 @@ class OGPSACallback(TrainerCallback):
         self.rebuilds += 1
         seconds = time.perf_counter() - start
         self._pending["rebuild_seconds"].append(seconds)
-        event = {"event": "rebuild", "step": state.global_step, "seconds": round(seconds, 4), **fields}
+        event = {"event": "rebuild", "step": state.global_step, "reason": reason, "seconds": round(seconds, 4),
+                 **fields}
         event.update({"world_size": args.world_size, "engine": self.layout.engine})
         self._last_rebuild = event
         self._write(event)

@@ -87,12 +87,17 @@ class GradientSpan:
 
         ctx.followup: this build re-measures blocks that had a zero reference gradient at the last
         one (a LoRA A while B is still 0 gets a gradient once B has taken one step)."""
-        self.basis = None  # free the old basis first: a rebuild then peaks at one basis + one gradient
+        # ogpsa_keep_previous: the last build's own directions stay in the span. The span of the
+        # reference gradients at two points contains their straight-line continuation between and
+        # beyond them, which is what keeps a basis current between rebuilds (measured: docs/results.md).
+        carry = self.basis.fresh_rows() if self.settings.ogpsa_keep_previous and self.basis is not None else None
+        self.basis = None  # the builder frees the carried rows as it copies them, the rest of the old basis now
         self._coords = {}  # coordinates in the old basis mean nothing in the new one
         name = BASIS_DTYPES[self.settings.ogpsa_basis_dtype]
         dtype = getattr(torch, name) if name else None
         builder = BasisBuilder(self.layout.like(), len(self.groups(ctx.refs)), self.settings.ogpsa_granularity,
-                               reduce=self.layout.reduce, dtype=dtype)
+                               reduce=self.layout.reduce, dtype=dtype, carry=carry)
+        del carry
         norms, tokens = self._fill(builder, ctx)
         self.layout.check_no_pending_reduction()  # no reference gradient left queued in the engine
         self.basis = builder.finish()
@@ -106,6 +111,8 @@ class GradientSpan:
                         f"step {ctx.step} (LoRA's A while B = 0); rebuilding at the next step")
         event = {"zero_rank_blocks": len(zero), "followup": ctx.followup}
         event.update({"rank": self.basis.rank(), **self._basis_bytes()})
+        if self.basis.fresh is not None:  # directions kept from the previous build, over all blocks
+            event["kept_directions"] = sum(c.shape[1] for c in self.basis.coords) - sum(self.basis.fresh)
         event.update({"params": len(self.params), "param_numel": sum(map(self.layout.full_numel, range(len(self.params))))})
         event.update({"rank_spread": spread})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
@@ -213,6 +220,8 @@ class GradientSpan:
                  "basis_dtype": s.ogpsa_basis_dtype}
         if s.ogpsa_directions_per_set != 1:  # absent at the default: older checkpoints still match
             ident["directions_per_set"] = s.ogpsa_directions_per_set
+        if not s.ogpsa_keep_previous:
+            ident["keep_previous"] = False
         return ident
 
 

@@ -87,6 +87,9 @@ class SubspaceBasis:
     coords: list[torch.Tensor]
     ref_norms: torch.Tensor
     names: list[str] = field(default_factory=list)
+    # fresh[b]: block b's leading rows that span this build's reference gradients; the rows after them
+    # were carried from the previous build (`BasisBuilder(carry=...)`). None: every row is fresh.
+    fresh: list[int] | None = None
     _layout: "Layout | None" = field(default=None, repr=False, compare=False)
 
     def blocks(self) -> list[list[int]]:
@@ -102,6 +105,14 @@ class SubspaceBasis:
         """Largest number of directions of any block (the subspace dimension for "global")."""
         return max((c.shape[1] for c in self.coords), default=0)
 
+    def fresh_rows(self) -> list[torch.Tensor]:
+        """Per parameter, the rows spanning this build's own reference gradients (views, no copy):
+        what the next build carries."""
+        if self.fresh is None:
+            return list(self.directions)
+        keep = [self.fresh[b] for b, block in enumerate(self.blocks()) for _ in block]
+        return [d[:k] for d, k in zip(self.directions, keep)]
+
     def numel(self) -> int:
         """Number of stored basis entries (memory = numel * element size)."""
         return sum(d.numel() for d in self.directions)
@@ -116,6 +127,7 @@ class SubspaceBasis:
             "coords": list(self.coords),
             "ref_norms": self.ref_norms,
             "names": list(self.names),
+            "fresh": None if self.fresh is None else list(self.fresh),
         }
 
     @classmethod
@@ -126,6 +138,7 @@ class SubspaceBasis:
             coords=list(state["coords"]),
             ref_norms=state["ref_norms"],
             names=list(state.get("names", [])),
+            fresh=state.get("fresh"),
         )
 
 
@@ -230,17 +243,37 @@ class BasisBuilder:
         rtol: float = RANK_RTOL,
         reduce=None,
         dtype: torch.dtype | None = None,
+        carry: list[torch.Tensor | None] | None = None,
     ):
         """like[i]: a tensor with the numel, dtype and device of (this rank's piece of) parameter i.
         reduce: see the module docstring (None: each rank holds whole parameters). dtype: storage of
-        the rows (None: each parameter's own dtype)."""
+        the rows (None: each parameter's own dtype). max_rank: the reference gradients to come.
+
+        carry[i]: (k_b, numel_i) orthonormal rows of an earlier basis (the previous build's
+        `fresh_rows()`) that stay in the span beside the new gradients. They wait in the rows after
+        max_rank and are orthogonalised against the new gradients in `finish`, so the first rows of
+        each block still span exactly this build's gradients (`SubspaceBasis.fresh`). Each entry of
+        `carry` is set to None once copied: a caller that holds no other reference frees the earlier
+        rows parameter by parameter, so the build peaks at the new rows plus one parameter's old ones.
+        """
         self.granularity = granularity
         self.rtol = rtol
         self.reduce = reduce or _no_reduce
         self.blocks = block_layout(len(like), granularity)
         self.block_of = [b for b, block in enumerate(self.blocks) for _ in block]
+        if carry is not None and len(carry) != len(like):
+            raise ValueError(f"carry has {len(carry)} tensors, expected {len(like)}")
+        # rows carried per block (every parameter of a block carries the same number)
+        self.carried = [0 if carry is None or not block else int(carry[block[0]].shape[0]) for block in self.blocks]
+        extra = max(self.carried, default=0)
         # rows[i][q] is row q of parameter i's slice; filled in place as directions are accepted.
-        self.rows = [torch.zeros((max_rank, t.numel()), dtype=dtype or t.dtype, device=t.device) for t in like]
+        self.rows = []
+        for i, t in enumerate(like):
+            rows = torch.zeros((max_rank + extra, t.numel()), dtype=dtype or t.dtype, device=t.device)
+            if carry is not None and carry[i] is not None and carry[i].shape[0]:
+                rows[max_rank : max_rank + carry[i].shape[0]].copy_(carry[i].reshape(carry[i].shape[0], -1))
+                carry[i] = None
+            self.rows.append(rows)
         self.max_rank = max_rank
         self.rank = [0] * len(self.blocks)
         self.coeffs: list[list[list[float]]] = [[] for _ in self.blocks]  # per block, per set: <r_j, u_q>
@@ -254,6 +287,9 @@ class BasisBuilder:
         """
         if len(self.norms) >= self.max_rank:
             raise ValueError(f"more reference sets than max_rank={self.max_rank}")
+        return self._row()
+
+    def _row(self) -> list[torch.Tensor]:
         return [rows[self.rank[b]] for rows, b in zip(self.rows, self.block_of)]
 
     def add(self, grads: list[torch.Tensor], name: str = "") -> float:
@@ -263,15 +299,16 @@ class BasisBuilder:
         torch._foreach_copy_(self.next_row(), [g.detach().reshape(-1) for g in grads])
         return self.commit(name)
 
-    def commit(self, name: str = "", scale: float = 1.0) -> float:
+    def commit(self, name: str = "", scale: float = 1.0, record: bool = True) -> float:
         """Orthogonalise the gradient held in `next_row()`, times `scale`, into the basis.
 
         `scale` is folded into the coefficients and the normalisation (a sum of token gradients is
         committed as their mean without a pass to rescale it). Returns the scaled gradient's
         whole-model norm. Raises `NonFiniteGradient` (leaving the builder as it was) if the gradient
-        has a NaN or infinity.
+        has a NaN or infinity. record=False: a carried row, which widens the span but is not a
+        reference set (no coordinates, norm or name).
         """
-        v = self.next_row()
+        v = self.next_row() if record else self._row()
         ks = [self.rank[b] for b in self.block_of]
         sq0 = self.reduce(self._block_sq(v))
         if not bool(sq0.sum().isfinite()):  # one sync; checked before anything is changed
@@ -299,14 +336,29 @@ class BasisBuilder:
                 self.rank[b] += 1
             else:  # dependent (or zero) on this block: nothing new to span
                 drop += [v[i] for i in block]
-            self.coeffs[b].append(c_b)
+            if record:
+                self.coeffs[b].append(c_b)
         if keep:
             torch._foreach_mul_(keep, inv)
         if drop:
             torch._foreach_zero_(drop)
-        self.norms.append(math.sqrt(sum(sq0_h)) * scale)
-        self.names.append(name)
-        return self.norms[-1]
+        norm = math.sqrt(sum(sq0_h)) * scale
+        if record:
+            self.norms.append(norm)
+            self.names.append(name)
+        return norm
+
+    def _commit_carried(self) -> None:
+        """Orthogonalise the carried rows against the new gradients (and each other), one row index
+        at a time over all blocks: each moves down to its block's next free row, never past its own
+        slot, so the move is in place. Every rank runs the same commits (the counts are global)."""
+        for q in range(max(self.carried, default=0)):
+            for i, b in enumerate(self.block_of):
+                src, dst = self.max_rank + q, self.rank[b]
+                if q < self.carried[b] and dst != src:
+                    self.rows[i][dst].copy_(self.rows[i][src])
+                    self.rows[i][src].zero_()
+            self.commit(record=False)
 
     def _block_sq(self, v: list[torch.Tensor]) -> torch.Tensor:
         """(num_blocks,) float32 squared norms of a row, summed per block (on the rows' device)."""
@@ -335,7 +387,11 @@ class BasisBuilder:
         return out
 
     def finish(self) -> SubspaceBasis:
-        """The basis: each parameter's rows cut to its block rank (views, no copy)."""
+        """The basis: each parameter's rows cut to its block rank (views, no copy), the carried rows
+        after this build's own."""
+        fresh = list(self.rank)
+        if any(self.carried):
+            self._commit_carried()
         m = len(self.norms)
         directions: list[torch.Tensor] = [torch.empty(0)] * len(self.rows)
         coords = []
@@ -353,7 +409,8 @@ class BasisBuilder:
         device = self.rows[0].device if self.rows else "cpu"
         ref_norms = torch.tensor(self.norms, dtype=torch.float32, device=device)
         self.rows = []  # the basis owns the storage now
-        return SubspaceBasis(self.granularity, directions, coords, ref_norms, list(self.names))
+        return SubspaceBasis(self.granularity, directions, coords, ref_norms, list(self.names),
+                             fresh=fresh if any(self.carried) else None)
 
 
 def build_basis(

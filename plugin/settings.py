@@ -12,12 +12,15 @@ from typing import Any, Literal, Optional
 OGPSA_STAGES = {"ogpsa_sft": "sft", "ogpsa_dpo": "dpo"}
 # ogpsa_basis_dtype -> torch dtype (None: each parameter's own); torch is imported lazily by users.
 BASIS_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
-# Paper defaults (arXiv 2602.07892): rebuild every 30 optimizer steps in SFT, every 5 in DPO. The
-# null-space method builds once per stage, as NSPO's released code does (a rebuild moves what is kept).
-DEFAULT_REFRESH = {"ogpsa_sft": 30, "ogpsa_dpo": 5}
+# Rebuild every 5 optimizer steps in both stages, with the previous build's directions kept
+# (ogpsa_keep_previous): the paper's 30 for SFT (arXiv 2602.07892; 5 for DPO) kept almost no
+# protection after a few dozen steps, and LoRA's from its first ones (docs/results.md, "Staying
+# current"). The null-space method builds once per stage, as NSPO's released code does.
+DEFAULT_REFRESH = {"ogpsa_sft": 5, "ogpsa_dpo": 5}
 # Keys that mean something to one method only; giving one to the other method is an error, not a no-op.
 METHOD_KEYS = {
-    "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype", "ogpsa_directions_per_set"),
+    "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype", "ogpsa_directions_per_set",
+                      "ogpsa_keep_previous"),
     "null_space": ("ogpsa_null_layers", "ogpsa_null_alpha", "ogpsa_null_energy"),
 }
 PREFIX = "ogpsa_"
@@ -54,8 +57,9 @@ class OGPSAArguments:
     ogpsa_refresh_steps: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 30 for ogpsa_sft, 5 "
-            "for ogpsa_dpo; null_space default: 0); 0 builds it once at the start of the stage."
+            "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 5, which with "
+            "ogpsa_keep_previous holds the protection; the paper used 30 for SFT and 5 for DPO; null_space "
+            "default: 0); 0 builds it once at the start of the stage. Each rebuild reads every reference sample once."
         },
     )
     ogpsa_granularity: Literal["tensor", "global"] = field(
@@ -99,6 +103,15 @@ class OGPSAArguments:
             "each group's gradient with the rest, so the protected subspace has up to r x sets directions; "
             "memory is r x sets x trainable parameters / world size basis entries. 1: one gradient per set "
             "(the paper)."
+        },
+    )
+    ogpsa_keep_previous: bool = field(
+        default=True,
+        metadata={
+            "help": "gradient_span: keep the previous rebuild's directions in the subspace beside the new ones. "
+            "The span of the reference gradients at two points holds their straight-line continuation, so the "
+            "protection fades far less between rebuilds (measured in docs/results.md), at up to twice the "
+            "basis memory. false: the subspace is only the latest rebuild's gradients (the paper)."
         },
     )
     ogpsa_reference_batch_size: Optional[int] = field(
@@ -277,7 +290,7 @@ def validate(settings: OGPSAArguments, where: str = "") -> None:
 # How the README's settings table shows a default that is not the field's literal value.
 _DEFAULT_DOCS = {
     "ogpsa_reference": "(required)",
-    "ogpsa_refresh_steps": "30 (sft), 5 (dpo); 0 with `null_space`",
+    "ogpsa_refresh_steps": "5; 0 with `null_space`",
     "ogpsa_reference_batch_size": "`per_device_train_batch_size`",
     "ogpsa_null_energy": "unset (`ogpsa_null_alpha` applies)",
 }
