@@ -66,9 +66,15 @@ class OGPSACallback(TrainerCallback):
     set up and first built in `on_train_begin`.
     """
 
-    def __init__(self, settings: OGPSAArguments):
+    def __init__(self, settings: OGPSAArguments, constraint: Optional[Constraint] = None):
+        """constraint: drive this instead of `make(settings)`, for a caller that wraps the method's
+        constraint in an object implementing the same protocol and delegating to it (the benchmark's
+        timing proxy); it must be for `settings.ogpsa_method`, the name the logs and checkpoints carry."""
         self.settings = settings
-        self.constraint: Constraint = make(settings)
+        self.constraint: Constraint = make(settings) if constraint is None else constraint
+        if self.constraint.method != settings.ogpsa_method:
+            raise ValueError(f"OGPSACallback: the constraint given is for ogpsa_method={self.constraint.method!r}, "
+                             f"the settings name {settings.ogpsa_method!r}")
         self.model_args = self.data_args = self.training_args = self.finetuning_args = None
         self.refs: list[ReferenceSet] = []
         self.collator = None

@@ -5,6 +5,8 @@ trainer. `OGPSACallback` (`callback.py`) owns everything else: the schedule (whe
 resume), the trainer slots (including the ZeRO `_optimizer_step` wrap), logging and checkpoint
 I/O. It calls a constraint in this order:
 
+    supports(layout) -> str     once, at train start, first: None, or why this engine's layout
+                                cannot work (the callback refuses the run with it)
     setup(SetupContext)         once, at train start: pick what is constrained, refuse what cannot work
     build(BuildContext) -> {}   at step 0 and every `ogpsa_refresh_steps` (and a follow-up when
                                 `followup_due`): measure the reference sets, make the new state;
@@ -68,6 +70,8 @@ class Constraint(Protocol):
     method: str  # the `ogpsa_method` value
     step_removed_key: str  # log key of the norm `project_step` removes (ogpsa_target: update)
     followup_due: bool  # build again at the next step (e.g. LoRA's A had no gradient yet)
+
+    def supports(self, layout: Any) -> Optional[str]: ...
 
     def setup(self, ctx: SetupContext) -> None: ...
 

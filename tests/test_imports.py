@@ -136,3 +136,72 @@ def test_what_data_prep_shares_imports_only_the_standard_library():
         for target, _, level, _ in _imports(name, MODULES[name]):
             top = target.split(".")[0]
             assert level == 0 and (top in sys.stdlib_module_names or top == "__future__"), (name, target)
+
+
+# ---- the benchmark package (benchmarks/ogpsa_bench, not installed) ----------------------------------
+BENCH = ROOT / "benchmarks" / "ogpsa_bench"
+# Its modules by layer, top first: a module imports only modules of layers below its own.
+BENCH_LAYERS = [{"__main__"}, {"cli"}, {"loop"}, {"instrument"}, {"assets", "copycheck", "summary"}, {"device"},
+                {"__init__"}]
+
+
+def _bench_modules() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(BENCH.glob("*.py"))}
+
+
+def _layer(module: str) -> int:
+    return next(i for i, layer in enumerate(BENCH_LAYERS) if module in layer)
+
+
+def test_benchmark_modules_each_have_a_layer_and_import_down():
+    modules = _bench_modules()
+    assert set(modules) == set().union(*BENCH_LAYERS), "place every module of ogpsa_bench in BENCH_LAYERS"
+    bad = []
+    for name, path in modules.items():
+        for target, names, level, line in _imports(f"ogpsa_bench.{name}", path):
+            if level == 0:
+                assert not target.startswith("ogpsa_bench"), f"{path.name}:{line}: import the package's modules relatively"
+                continue
+            local = [target.split(".")[1]] if "." in target else [n for n in names if n in modules]
+            bad += [f"{path.name}:{line}: {name} -> {m}" for m in local if _layer(m) <= _layer(name)]
+    assert not bad, "imports that do not point down:\n" + "\n".join(bad)
+
+
+def test_benchmark_uses_public_names_and_patches_nothing_of_the_plugin():
+    """No private name imported or read across modules (an object's own `self._x` aside), and nothing
+    imported from `ogpsa` assigned to or patched: the timing goes through the constraint interface."""
+    bad = []
+    for name, path in _bench_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        for target, names, _, line in _imports(f"ogpsa_bench.{name}", path):
+            if any(p.startswith("_") and p not in ("__future__", "__init__") for p in target.split(".")):
+                bad.append(f"{path.name}:{line}: {target}")
+            bad += [f"{path.name}:{line}: {target}.{n}" for n in names if n.startswith("_")]
+        plugin_names = set()  # what names the plugin's modules and objects here
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                plugin_names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("ogpsa.")}
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("ogpsa."):
+                plugin_names |= {a.asname or a.name for a in node.names}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                bad.append(f"{path.name}:{node.lineno}: reads private .{node.attr}")
+            changed = []  # (what is changed, whether the expression itself is changed or a member of it)
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                changed = [(t, False) for t in (node.targets if isinstance(node, (ast.Assign, ast.Delete))
+                                                else [node.target])]
+            elif isinstance(node, ast.Call) and (getattr(node.func, "id", None) in ("setattr", "delattr")
+                                                 or getattr(node.func, "attr", None) in ("patch", "object")):
+                changed = [(t, True) for t in node.args[:1]]  # setattr(x, ...), mock.patch("x.y"), patch.object(x, ...)
+            for t, itself in changed:
+                root = t
+                while isinstance(root, (ast.Attribute, ast.Subscript)):
+                    root = root.value
+                if isinstance(root, ast.Constant):
+                    hit = str(root.value).startswith("ogpsa.")
+                else:
+                    hit = getattr(root, "id", None) in plugin_names and (itself or t is not root)
+                if hit:
+                    bad.append(f"{path.name}:{node.lineno}: changes {ast.unparse(t)}")
+    assert not bad, "the benchmark reaches into private or patched code:\n" + "\n".join(bad)
