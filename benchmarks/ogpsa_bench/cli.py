@@ -7,7 +7,8 @@
 
 (`python -m ogpsa_bench ...` from benchmarks/ is the same.) Every run goes through LLaMA-Factory's own
 `run_exp` in this process, the OGPSA stages with each `ogpsa_method` in turn (gradient_span, refreshed
-at the paper's K = 30 SFT, 5 DPO; null_space, built once, its default). Per model size, stage pair
+at its default K (5; the previous rebuild's directions kept, so the basis has up to twice the rows
+after the first rebuild); null_space, built once, its default). Per model size, stage pair
 and repeat (runs interleaved: sft, ogpsa_sft per method, dpo, ogpsa_dpo per method):
 
 - step time: the interval between consecutive `on_step_end` events (synchronised on CUDA), i.e.

@@ -16,6 +16,7 @@ from unittest import mock
 from ogpsa.plugin.callback import OGPSACallback
 from ogpsa.plugin.constraint import make
 from ogpsa.plugin.preflight import preflight
+from ogpsa.plugin.settings import DEFAULT_REFRESH
 
 from . import summary
 from .assets import REFS, SIZES, TRAIN_SETS
@@ -23,14 +24,15 @@ from .device import current_bytes, environment, malloc_trim, reset_peak
 from .instrument import Recorder, StepTimer, TimedConstraint
 from .summary import median
 
-PAPER_K = {"sft": 30, "dpo": 5}
-# ogpsa_refresh_steps per method: the gradient span at the paper's K; other methods keep their own
-# default (null_space: 0, built once at the start)
-PAPER_REFRESH = {"gradient_span"}
+# ogpsa_refresh_steps per method: the gradient span at the package's default K (what a user gets,
+# written out so the summary can amortise by it); other methods keep their own default (null_space:
+# 0, built once at the start)
+DEFAULT_K = {pair: DEFAULT_REFRESH[f"ogpsa_{pair}"] for pair in ("sft", "dpo")}
+REFRESHED = {"gradient_span"}
 
 
 def refresh_steps(method: str, pair: str) -> int | None:
-    return PAPER_K[pair] if method in PAPER_REFRESH else None
+    return DEFAULT_K[pair] if method in REFRESHED else None
 
 
 def run_config(opts, model_dir: str, data_dir: str, pair: str, method: str | None, out_dir: Path) -> dict:
@@ -185,7 +187,7 @@ def run(opts, models: dict[str, str], params: dict[str, int], data_dir: str, out
                                                    "target", "methods", "seq_len", "ref_samples", "ref_lengths",
                                                    "rebuild_repeats", "stages", "quick")},
         "environment": environment(opts.device),
-        "paper_K": PAPER_K,
+        "default_K": DEFAULT_K,
         "refresh_steps": {m: {p: refresh_steps(m, p) or 0 for p in opts.stages} for m in opts.methods},
         "targets": summary.targets(),
         "memory_method": None,
