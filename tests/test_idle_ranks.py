@@ -68,14 +68,20 @@ def test_idle_rank_builds_the_one_process_basis(tiny, root, tmp_path_factory, en
         path.write_text(json.dumps(deepspeed_config(int(engine[-1]))))
         deepspeed = str(path)
     label = "bf16" if engine == "ddp_bf16_basis" else "auto"
-    one = saved_basis(run(tiny, root, label, 1, keys, max_steps=2), 1)  # checkpoint-1: the step-0 basis
+    one_out = run(tiny, root, label, 1, keys, max_steps=2)
+    one = saved_basis(one_out, 1)  # checkpoint-1: the step-0 basis
     two_out = run(tiny, root, engine, 2, keys, deepspeed, max_steps=2)
     pieces = sorted(p.name for p in (two_out / "checkpoint-1" / "ogpsa").iterdir())
     two = saved_basis(two_out, 2)
     assert pieces == (["rank0-of-2.pt"] if engine.startswith("ddp") else ["rank0-of-2.pt", "rank1-of-2.pt"])
     rebuilds = [r for r in ogpsa_log(two_out) if r.get("event") == "rebuild"]
     assert [r["step"] for r in rebuilds] == [0, 1]
-    assert all(r["world_size"] == 2 and r["rank"] == 3 and r["rank_spread"] == 0.0 for r in rebuilds)
+    assert all(r["world_size"] == 2 and r["rank_spread"] == 0.0 for r in rebuilds)
+    # step 1 also keeps the step-0 directions (ogpsa_keep_previous): its collectives run on idle ranks too
+    one_rebuilds = [r for r in ogpsa_log(one_out) if r.get("event") == "rebuild"]
+    assert rebuilds[0]["rank"] == 3 and rebuilds[1]["kept_directions"] > 0
+    assert [(r["rank"], r["kept_directions"] if "kept_directions" in r else None) for r in rebuilds] == \
+        [(r["rank"], r["kept_directions"] if "kept_directions" in r else None) for r in one_rebuilds]
     # the same directions, coordinates and norms as one process (ZeRO: reduction order only)
     assert [d.dtype for d in two["directions"]] == [d.dtype for d in one["directions"]]
     gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(one["directions"], two["directions"]))
