@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from conftest import BIN, ENV, base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
+from helpers import BIN, ENV, base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
 
 
 def _flags(cfg: dict) -> list[str]:

@@ -7,13 +7,8 @@ their gradients all-reduced, so the basis must be the same as with one process.
 
 import pytest
 import torch
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
+from helpers import TORCHRUN, base_config, load_state, max_diff, ogpsa_keys, ogpsa_log, run_cli
 
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-
-
-def max_diff(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def train(tiny, tmp_path, workflow, nproc, label, **keys):

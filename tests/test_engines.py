@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import base_config, ogpsa_keys, run_cli
+from helpers import base_config, ogpsa_keys, run_cli
 
 from ogpsa.plugin.engines import check_arguments
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError

@@ -10,13 +10,10 @@ side under ZeRO) must equal the basis one process builds from the same sample.
 
 import pytest
 import torch
-from conftest import base_config, ogpsa_keys, ogpsa_log, run_cli
-from test_null_space import null_keys
-from test_scaleout import deepspeed_config
+from helpers import TORCHRUN, base_config, deepspeed_config, null_keys, ogpsa_keys, ogpsa_log, run_cli
 
 pytestmark = pytest.mark.scaleout
 
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 ONE_SAMPLE = {"ogpsa_reference_samples": 1, "ogpsa_refresh_steps": 0}
 
 

@@ -1,10 +1,9 @@
 """LoRA is projected from its first step: the A matrices get no reference gradient while B = 0."""
 
-from conftest import base_config, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import REFS, base_config, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
 from ogpsa.plugin.gradient_span import followup_after
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 LORA = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "optim": "sgd", "max_grad_norm": 0.0}
 
 

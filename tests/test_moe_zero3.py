@@ -13,12 +13,10 @@ import json
 import shutil
 
 import pytest
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
-from test_scaleout import deepspeed_config
+from helpers import REFS, base_config, deepspeed_config, load_state, ogpsa_keys, ogpsa_log, run_cli
 
 pytestmark = pytest.mark.scaleout
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 
 
 @pytest.fixture(scope="module")

@@ -14,58 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    ALPHA,
+    MLP,
+    REFS,
     base_config,
     load_state,
     log_history,
-    ogpsa_keys,
+    null_energy,
+    null_keys,
     ogpsa_log,
+    reference_inputs,
     reference_losses,
     run_cli,
-    tokenized_references,
 )
-
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
-SAMPLES = 4
-# The tiny model's inputs are 64- and 128-dimensional and the 12 reference rows hold ~900 tokens, so
-# at NSPO's alpha = 5e-5 every null space is empty; 0.05 leaves about half of each input space free.
-ALPHA = 0.05
-MLP = [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")]
-
-
-def null_keys(**overrides) -> dict:
-    keys = {"ogpsa_method": "null_space", "ogpsa_reference_samples": SAMPLES, "ogpsa_null_alpha": ALPHA,
-            "ogpsa_refresh_steps": 0}
-    return ogpsa_keys(**{**keys, **overrides})
-
-
-def reference_inputs(tiny: dict, layers: list[str]) -> dict[str, torch.Tensor]:
-    """Each layer's inputs (non-padding positions, float64 rows) on the reference sets, from the start model."""
-    from transformers import AutoModelForCausalLM
-
-    sets, make_collator = tokenized_references(tiny["model"], tiny, REFS, SAMPLES)
-    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
-    collator = make_collator(model)
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    mask = {}
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(
-        lambda m, inp, out, n=n: rows[n].append(inp[0][mask["m"]].double())) for n in layers]
-    with torch.no_grad():
-        for ref in sets:
-            for f in ref.features:  # one sample at a time: no padding at all
-                batch = collator([dict(f)])
-                mask["m"] = batch["attention_mask"].bool()
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    for h in hooks:
-        h.remove()
-    return {n: torch.cat(r) for n, r in rows.items()}
-
-
-def null_energy(x: torch.Tensor, alpha: float) -> float:
-    """Sum of the eigenvalues of X^T X at most alpha * the largest (what a null-space change may reach)."""
-    eig = torch.linalg.eigvalsh(x.T @ x).clamp_min(0)
-    return float(eig[eig <= alpha * eig[-1]].sum())
 
 
 def test_layer_outputs_on_reference_inputs_stay_within_the_alpha_bound(tiny, tmp_path):

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import base_config, ogpsa_keys, run_cli, tokenized_references
+from helpers import REFS, base_config, ogpsa_keys, run_cli, tokenized_references
 from ogpsa.plugin.activations import (
     constrained_layers,
     input_spaces,
@@ -23,7 +23,6 @@ from ogpsa.plugin.activations import (
 from ogpsa.plugin.nullspace import build_space, project_rows_
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 
 
 def null_settings(**keys) -> OGPSAArguments:

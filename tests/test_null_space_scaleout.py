@@ -9,16 +9,10 @@ uninterrupted one, even with a rebuild schedule that a fresh rebuild at the resu
 import shutil
 
 import pytest
-from conftest import base_config, load_state, ogpsa_log, run_cli
-from test_null_space import null_keys
+from helpers import TORCHRUN, base_config, load_state, max_diff, null_keys, ogpsa_log, run_cli
 
 pytestmark = pytest.mark.scaleout
 
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-
-
-def max_diff(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def test_two_processes_keep_the_same_null_spaces_as_one(tiny, tmp_path):

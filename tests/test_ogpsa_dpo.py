@@ -1,9 +1,8 @@
 """ogpsa_dpo end to end through `llamafactory-cli train`: LLaMA-Factory's DPO workflow, projected."""
 
 import pytest
-from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import REFS, base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 
 
 def dpo_config(tiny, out, **overrides):

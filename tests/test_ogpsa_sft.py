@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import REFS, base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 
 
 def max_weight_diff(a: dict, b: dict) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ENV, load_state, ogpsa_log
+from helpers import BIN, ENV, load_state, max_diff, ogpsa_log
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -34,10 +34,6 @@ def assets(tiny, tmp_path):
 
 def state(tmp_path, name="tiny_sft_dpo"):
     return json.loads((tmp_path / "runs" / name / "pipeline.json").read_text())
-
-
-def max_diff(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])

@@ -6,7 +6,7 @@ be the same as in a run without the training-data setting under test.
 """
 
 import pytest
-from conftest import base_config, ogpsa_keys, ogpsa_log, run_cli
+from helpers import base_config, ogpsa_keys, ogpsa_log, run_cli
 
 # cutoff_len 32 cuts every toy reference sample, so a cutoff that is off by one shows in the counts
 CUTOFF = 32

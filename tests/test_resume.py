@@ -5,13 +5,9 @@ import shutil
 
 import pytest
 
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
+from helpers import base_config, load_state, max_diff, ogpsa_keys, ogpsa_log, run_cli
 
 from ogpsa.pipelines.runner import summarize
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def _interrupt_after(out, step: int, last: int) -> None:
@@ -37,7 +33,7 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     proc = run_cli({**cfg, "output_dir": str(resumed), "resume_from_checkpoint": str(resumed / "checkpoint-3")},
                    tmp_path / "run_resume")
     assert "resumed the subspace built at step 2" in proc.stderr + proc.stdout
-    gap = _max_diff(load_state(whole), load_state(resumed))
+    gap = max_diff(load_state(whole), load_state(resumed))
     print(f"resumed vs uninterrupted: {gap:.2e}")
     assert gap < 1e-6, f"resumed run differs from the uninterrupted one by {gap:.2e}"
     log_whole, log_resumed = ogpsa_log(whole), ogpsa_log(resumed)
@@ -53,7 +49,7 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     proc = run_cli({**cfg, "output_dir": str(fresh), "resume_from_checkpoint": str(fresh / "checkpoint-3")},
                    tmp_path / "run_fresh")
     assert "resuming at step 3 with a fresh subspace" in proc.stderr + proc.stdout
-    drift = _max_diff(load_state(whole), load_state(fresh))
+    drift = max_diff(load_state(whole), load_state(fresh))
     print(f"resumed with a fresh rebuild at the resume step: {drift:.2e}")
     assert drift > 100 * max(gap, 1e-8)
     assert [r["step"] for r in ogpsa_log(fresh) if r.get("event") == "rebuild"] == [0, 2, 3, 4]

@@ -8,8 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, run_cli, tokenized_references
-from test_null_space import MLP, REFS, SAMPLES, null_keys, reference_inputs
+from helpers import (
+    MLP,
+    REFS,
+    SAMPLES,
+    base_config,
+    load_state,
+    log_history,
+    null_keys,
+    ogpsa_keys,
+    ogpsa_log,
+    reference_inputs,
+    run_cli,
+    tokenized_references,
+)
 
 
 def spectrum_matrix(eigenvalues: list[float], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ENV
+from helpers import BIN, ENV
 
 from ogpsa.pipelines import sweep
 

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ENV, log_history, ogpsa_log
+from helpers import BIN, ENV, REFS, log_history, ogpsa_log
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.common.exceptions import (
@@ -32,7 +32,6 @@ from selenium.common.exceptions import (
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 OGPSA_SFT, OGPSA_DPO = "OGPSA Supervised Fine-Tuning", "OGPSA DPO"  # labels in the Stage dropdown
 # A tiny run: 4 steps of 4 samples, rebuild every 2. Stock LlamaBoard's own defaults (16 dataset
 # workers, batch 2 x 8 accumulation, logging every 5 steps) would make it slow on a CPU.
