@@ -23,7 +23,7 @@ def train(tiny, tmp_path, workflow, nproc, label, **keys):
     return out
 
 
-@pytest.mark.scaleout  # 2-process pairs: multi-process runs belong to the scale-out suite (default suite time)
+@pytest.mark.multiprocess  # 2-process pairs
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_processes_match_one(tiny, tmp_path, stage):
     states = {}
@@ -47,7 +47,7 @@ def test_two_processes_match_one(tiny, tmp_path, stage):
     assert len(rebuilds) == 2 and all(r["world_size"] == 2 and r["rank_spread"] == 0.0 for r in rebuilds)
 
 
-@pytest.mark.scaleout  # a third 2-process pair: kept out of the default suite's 15-minute budget
+@pytest.mark.multiprocess  # a third 2-process pair
 def test_rebuild_does_not_disturb_ddp_sync(tiny, tmp_path):
     """2 processes, a rebuild before every step, projection off: bitwise the plain DDP weights."""
     plain = load_state(train(tiny, tmp_path, "sft", 2, "plain"))

@@ -10,7 +10,7 @@ the same step. The end-to-end FSDP2 run through `llamafactory-cli` needs a GPU m
 import pytest
 from helpers import run_worker
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
 
 def test_fsdp2_pieces_match_whole_tensors(tiny, tmp_path):

@@ -71,7 +71,7 @@ def test_layer_outputs_on_reference_inputs_stay_within_the_alpha_bound(tiny, tmp
     assert len(steps) == 4 and all(r["update_in_range_norm"] > 0 for r in steps)  # Adam left N; taken back
 
 
-@pytest.mark.scaleout  # kept out of the default suite's 15-minute budget; CI runs -m scaleout
+@pytest.mark.long  # kept out of the default suite's 15-minute budget
 def test_alpha_extremes_freeze_or_free_the_layers(tiny, tmp_path):
     """alpha = 0: no null space, the constrained layers do not move at all (the others train);
     alpha = 1: everything is null space, training is bitwise that of plain SFT."""
@@ -161,7 +161,7 @@ def test_sharded_engines_are_refused_for_null_space(engine):
         check_arguments(engine.get, settings)
 
 
-@pytest.mark.scaleout  # kept out of the default suite's 15-minute budget; CI runs -m scaleout
+@pytest.mark.long  # kept out of the default suite's 15-minute budget
 def test_unknown_null_layers_fail_naming_the_key(tiny, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(base_config(tiny, out, max_steps=1, **null_keys(ogpsa_null_layers="ffn_in,ffn_out")),
@@ -171,7 +171,7 @@ def test_unknown_null_layers_fail_naming_the_key(tiny, tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
-@pytest.mark.scaleout  # kept out of the default suite's 15-minute budget; CI runs -m scaleout
+@pytest.mark.long  # kept out of the default suite's 15-minute budget
 def test_null_space_dpo_with_lora(tiny, tmp_path):
     """ogpsa_dpo + LoRA: LLaMA-Factory's DPO workflow, every adapter A kept in its null space."""
     out = tmp_path / "out"

@@ -82,7 +82,7 @@ def test_fsdp2_cpu_offload_is_refused(fsdp):
     check_arguments({"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}.get, settings, "")
 
 
-@pytest.mark.scaleout  # ~30 s; the in-process checks above cover the default suite (same contract as test_engines)
+@pytest.mark.long  # ~30 s; the in-process checks above cover the default suite (same contract as test_engines)
 def test_lora_null_space_with_rebuilds_is_refused_before_launch(tiny, tmp_path):
     out = tmp_path / "out"
     keys = ogpsa_keys(ogpsa_method="null_space", ogpsa_reference_samples=2, ogpsa_refresh_steps=2)
@@ -183,7 +183,7 @@ def test_moe_with_training_experts_is_refused(moe):
                      for n in ("gate.weight", "experts.gate_up_proj", "experts.down_proj")]
 
 
-@pytest.mark.scaleout  # ~40 s; test_moe_with_training_experts_is_refused covers the default suite
+@pytest.mark.long  # ~40 s; test_moe_with_training_experts_is_refused covers the default suite
 def test_moe_full_fine_tuning_is_refused_with_one_line(moe, tmp_path):
     out = tmp_path / "out"
     keys = ogpsa_keys(ogpsa_method="null_space", ogpsa_reference_samples=2, ogpsa_refresh_steps=0)
@@ -195,7 +195,7 @@ def test_moe_full_fine_tuning_is_refused_with_one_line(moe, tmp_path):
     assert "Traceback" not in proc.stderr and not (out / "model.safetensors").exists()
 
 
-@pytest.mark.scaleout  # kept out of the default suite's 15-minute budget; CI runs -m scaleout
+@pytest.mark.long  # kept out of the default suite's 15-minute budget
 def test_moe_lora_null_space_trains_and_holds_the_shared_expert(moe, tmp_path):
     """LoRA on every linear layer of the MoE model (experts and router frozen): the run trains, and
     each shared-expert adapter A stays in the null space of its (flattened) reference inputs."""

@@ -1,4 +1,4 @@
-"""ZeRO partitioning within a data-parallel group narrower than the world is refused (scale-out suite).
+"""ZeRO partitioning within a data-parallel group narrower than the world is refused (`-m multiprocess`).
 
 The projection's inner products and a rebuild's reference gradients are summed over the whole
 world; with DeepSpeed's MiCS, expert groups, sequence or tensor parallelism a ZeRO rank partitions
@@ -10,7 +10,7 @@ The same engine also drives the check every rebuild ends with (no pending gradie
 import pytest
 from helpers import run_worker
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
 
 def test_partition_group_narrower_than_the_world_is_refused(tiny, tmp_path):

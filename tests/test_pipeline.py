@@ -194,7 +194,7 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert "tax avoided math" in report and "Δ refusal vs plain (probes)" in report
 
 
-@pytest.mark.scaleout  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
+@pytest.mark.long  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
 def test_quickstart_null_space_run_joins_the_report(tmp_path):
     """`--only null_space`: the same recipe with ogpsa_method=null_space, built once per stage, in the report."""
     out = tmp_path / "qs"

@@ -165,7 +165,7 @@ def expected_norms(tiny, data_dir: str, names: list[str]) -> dict[str, tuple[flo
 
 
 
-@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.scaleout)])
+@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
 @pytest.mark.parametrize("workflow", ["sft", "dpo"])
 def test_rebuild_pads_little_and_keeps_the_gradient(tiny, tmp_path, spread_data, workflow, procs):
     """The step-0 rebuild's per-set gradient norms and token counts equal one-sample-at-a-time

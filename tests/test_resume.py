@@ -68,7 +68,7 @@ def test_a_basis_saved_under_other_settings_is_not_reused(tiny, tmp_path):
     assert [(r["step"], r["rank"]) for r in rebuilds] == [(0, 3), (2, 2)]
 
 
-@pytest.mark.scaleout  # three one-process runs
+@pytest.mark.long  # three one-process runs
 def test_checkpoints_without_the_basis_resume_with_a_rebuild(tiny, tmp_path):
     """ogpsa_save_basis: false: no basis in the checkpoint (the default's is 4 bytes per trainable
     parameter and reference set in float32), and a resume rebuilds at its step and trains on."""

@@ -5,7 +5,7 @@ Every run sees the same global batch: 8 samples, 2 per process and micro-batch, 
 steps, gradient clipping active (max_grad_norm 1.0 against raw norms of about 1.5), plain SGD (an
 equivalence check: Adam would amplify float32 reduction-order noise in near-zero coordinates).
 The engine and DDP differ only in float32 reduction order, so the OGPSA weights must agree to
-within 10x the plain runs' own engine-vs-DDP gap. Slow (about 20 s a run): `pytest -m scaleout`.
+within 10x the plain runs' own engine-vs-DDP gap. Slow (about 20 s a run): `pytest -m multiprocess`.
 """
 
 import json
@@ -25,7 +25,7 @@ from helpers import (
     run_cli,
 )
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
 DATA = {"sft": "toy_safety_sft", "dpo": "toy_safety_dpo"}
 

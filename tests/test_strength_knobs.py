@@ -103,7 +103,7 @@ def test_bad_knob_settings_are_named(case):
         split_ogpsa_args(args, "x.yaml: ")
 
 
-@pytest.mark.scaleout  # a process start (~30 s on 2 shared cores); the message itself is checked above
+@pytest.mark.long  # a process start (~30 s on 2 shared cores); the message itself is checked above
 def test_energy_and_alpha_together_fail_before_training(tiny, tmp_path):
     out = tmp_path / "out"
     keys = null_keys(ogpsa_null_energy=0.9)
@@ -113,7 +113,7 @@ def test_energy_and_alpha_together_fail_before_training(tiny, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-@pytest.mark.scaleout  # one training run: 43 s on 2 shared cores
+@pytest.mark.long  # one training run: 43 s on 2 shared cores
 def test_energy_null_space_keeps_the_layer_output_bound(tiny, tmp_path):
     """energy 0.9 on the tiny model: each MLP linear protects the fewest input directions holding 90% of
     its reference inputs' energy (recomputed here from the start model), and its outputs on those
@@ -236,7 +236,7 @@ def test_directions_per_set_span_every_group_gradient(tiny):
         assert worst < 1e-4, ref.name
 
 
-@pytest.mark.scaleout  # one training run: 43 s on 2 shared cores
+@pytest.mark.long  # one training run: 43 s on 2 shared cores
 def test_directions_per_set_memory_matches_the_rebuild_log(tiny, tmp_path):
     """r = 2 through `llamafactory-cli`: the rebuild log's basis_bytes is r x sets x trainable parameters
     x 4 bytes (float32 rows, one process), twice r = 1's; the logged projected-gradient cosines with
