@@ -37,6 +37,12 @@ SAMPLES = 4
 ALPHA = 0.05
 MLP = [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")]
 
+# Plain baselines several tests compare against, trained once per test run by the `trained` fixture:
+# AdamW, 3 steps, clipping at 1.0 (what an OGPSA mode must leave bitwise unchanged) and AdamW, 4 steps,
+# no clipping (what a constraint's preservation is measured against).
+PLAIN_ADAMW_3 = {"optim": "adamw_torch", "learning_rate": 1e-3, "max_steps": 3, "max_grad_norm": 1.0}
+PLAIN_ADAMW_4 = {"optim": "adamw_torch", "learning_rate": 1e-3, "max_steps": 4, "max_grad_norm": 0.0}
+
 
 def base_config(tiny: dict[str, str], out: Path | None, **overrides) -> dict:
     """A small full fine-tuning config on the toy data (plain SGD, constant LR, no saving)."""

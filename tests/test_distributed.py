@@ -10,7 +10,6 @@ import torch
 from helpers import TORCHRUN, base_config, load_state, max_diff, ogpsa_keys, ogpsa_log, run_cli
 
 
-
 def train(tiny, tmp_path, workflow, nproc, label, **keys):
     out = tmp_path / f"{label}_{nproc}"
     dataset = "toy_safety_sft" if workflow == "sft" else "toy_safety_dpo"

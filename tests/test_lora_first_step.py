@@ -7,11 +7,11 @@ from ogpsa.plugin.gradient_span import followup_after
 LORA = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "optim": "sgd", "max_grad_norm": 0.0}
 
 
-def test_lora_rebuilds_once_more_after_its_first_step(tiny, tmp_path):
+def test_lora_rebuilds_once_more_after_its_first_step(tiny, tmp_path, start_losses):
     """Rebuild every 3 steps: the zero-gradient A blocks of step 0 get their directions from a
     follow-up rebuild at step 1 (not at step 3), and the reference losses hold."""
     names = REFS + ["toy_safety_sft"]
-    start = reference_losses(tiny["model"], tiny, names)
+    start = start_losses
     change = {}
     for kind, extra in (("plain", {}), ("ogpsa", ogpsa_keys(ogpsa_refresh_steps=3))):
         out = tmp_path / kind

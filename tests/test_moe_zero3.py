@@ -18,7 +18,6 @@ from helpers import REFS, base_config, deepspeed_config, load_state, ogpsa_keys,
 pytestmark = pytest.mark.multiprocess
 
 
-
 @pytest.fixture(scope="module")
 def tiny_moe(tiny, tmp_path_factory):
     """The tiny Qwen2's tokenizer with a random 2-layer Qwen2-MoE (4 experts, top 2, a shared expert)."""

@@ -12,7 +12,6 @@ import pytest
 from helpers import TORCHRUN, base_config, load_state, max_diff, null_keys, ogpsa_log, run_cli
 
 
-
 @pytest.mark.multiprocess
 def test_two_processes_keep_the_same_null_spaces_as_one(tiny, tmp_path):
     states = {}

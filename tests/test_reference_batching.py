@@ -163,8 +163,6 @@ def expected_norms(tiny, data_dir: str, names: list[str]) -> dict[str, tuple[flo
     return out
 
 
-
-
 @pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
 @pytest.mark.parametrize("workflow", ["sft", "dpo"])
 def test_rebuild_pads_little_and_keeps_the_gradient(tiny, tmp_path, spread_data, workflow, procs):

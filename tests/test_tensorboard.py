@@ -6,7 +6,6 @@ import pytest
 from helpers import REFS, base_config, log_history, ogpsa_keys, ogpsa_log, run_cli
 
 
-
 def read_scalars(out: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} as TensorBoard itself reads the run's event file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
