@@ -24,7 +24,6 @@ from ogpsa.plugin.nullspace import build_space, project_rows_
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
 
 
-
 def null_settings(**keys) -> OGPSAArguments:
     return OGPSAArguments(**{"ogpsa_reference": "a", "ogpsa_method": "null_space", **keys}, stage="ogpsa_sft")
 
@@ -80,18 +79,6 @@ def test_fsdp2_cpu_offload_is_refused(fsdp):
     with pytest.raises(OGPSAConfigError, match=re.escape("x.yaml: fsdp: CPU offload is not supported by OGPSA")):
         check_arguments({"fsdp": fsdp, "fsdp_config": {"version": 2}}.get, settings, "x.yaml: ")
     check_arguments({"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}.get, settings, "")
-
-
-@pytest.mark.long  # ~30 s; the in-process checks above cover the default suite (same contract as test_engines)
-def test_lora_null_space_with_rebuilds_is_refused_before_launch(tiny, tmp_path):
-    out = tmp_path / "out"
-    keys = ogpsa_keys(ogpsa_method="null_space", ogpsa_reference_samples=2, ogpsa_refresh_steps=2)
-    proc = run_cli(base_config(tiny, out, finetuning_type="lora", lora_target="all", max_steps=1, **keys),
-                   tmp_path / "run", check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ogpsa: error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "config.yaml: ogpsa_refresh_steps: ogpsa_method=null_space under LoRA builds once (0)" in errors[0]
-    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_a_trained_lora_b_refuses_a_rebuild(tiny):
