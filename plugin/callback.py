@@ -345,20 +345,23 @@ def keep_log_before(path: str, step: int) -> None:
         os.remove(path)
         return
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) < step + (
-        0 if '"event": "rebuild"' in line else 1)]
+        kept = [line if line.endswith("\n") else line + "\n" for line in f if _kept(line, step)]
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, path)
 
 
-def _record_step(line: str):
+def _kept(line: str, step: int) -> bool:
+    """Whether a log line happened before resuming at `step`: a step record of a step up to `step` (the
+    checkpoint's own last step included), a build at an earlier step (a build at `step` is redone or
+    restored with its record). Lines that are not such records (blank, torn, no step) are dropped."""
     try:
-        return int(json.loads(line).get("step"))
-    except (ValueError, TypeError, AttributeError):
-        return None
+        record = json.loads(line)
+        at = int(record["step"])
+    except (ValueError, TypeError, KeyError):
+        return False
+    return at < step if record.get("event") == "rebuild" else at <= step
 
 
 def _steps(args, state) -> int:

@@ -3,7 +3,8 @@
 import os
 import subprocess
 
-from conftest import BIN, ENV, base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
+import pytest
+from helpers import BIN, ENV, assert_refused, base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
 
 
 def _flags(cfg: dict) -> list[str]:
@@ -43,12 +44,18 @@ def test_flags_train_exactly_as_the_yaml(tiny, tmp_path):
 
 
 def test_bad_ogpsa_flag_is_one_line_exit_2(tiny, tmp_path):
+    """Flags reach the OGPSA settings inside LLaMA-Factory's own launch (no YAML to check before it):
+    the same contract as a YAML's bad setting, the message `split_argv` raises."""
+    from ogpsa.pipelines.integration.tuner import split_argv
+    from ogpsa.plugin.settings import OGPSAConfigError
+
     out = tmp_path / "out"
     argv = _flags(base_config(tiny, out, max_steps=1, **ogpsa_keys())) + ["--ogpsa_refresh_steps", "often"]
+    with pytest.raises(OGPSAConfigError) as err:
+        split_argv(argv)
+    assert str(err.value) == "ogpsa_refresh_steps: expected an integer, got 'often' (str)"
     proc = _run_flags(argv, tmp_path / "r")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "ogpsa: error: ogpsa_refresh_steps: expected an integer, got 'often' (str)" in proc.stderr
-    assert "Traceback" not in proc.stderr and not out.exists()
+    assert assert_refused(proc, str(err.value), out) == f"ogpsa: error: {err.value}"
 
 
 def test_stock_flags_reach_llamafactory_as_typed():

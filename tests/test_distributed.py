@@ -7,13 +7,7 @@ their gradients all-reduced, so the basis must be the same as with one process.
 
 import pytest
 import torch
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
-
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-
-
-def max_diff(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+from helpers import TORCHRUN, base_config, load_state, max_diff, ogpsa_keys, ogpsa_log, run_cli
 
 
 def train(tiny, tmp_path, workflow, nproc, label, **keys):
@@ -28,7 +22,7 @@ def train(tiny, tmp_path, workflow, nproc, label, **keys):
     return out
 
 
-@pytest.mark.scaleout  # 2-process pairs: multi-process runs belong to the scale-out suite (default suite time)
+@pytest.mark.multiprocess  # 2-process pairs
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_processes_match_one(tiny, tmp_path, stage):
     states = {}
@@ -52,7 +46,7 @@ def test_two_processes_match_one(tiny, tmp_path, stage):
     assert len(rebuilds) == 2 and all(r["world_size"] == 2 and r["rank_spread"] == 0.0 for r in rebuilds)
 
 
-@pytest.mark.scaleout  # a third 2-process pair: kept out of the default suite's 15-minute budget
+@pytest.mark.multiprocess  # a third 2-process pair
 def test_rebuild_does_not_disturb_ddp_sync(tiny, tmp_path):
     """2 processes, a rebuild before every step, projection off: bitwise the plain DDP weights."""
     plain = load_state(train(tiny, tmp_path, "sft", 2, "plain"))

@@ -58,6 +58,32 @@ def test_readme_is_a_short_manual():
     assert len(README.read_text(encoding="utf-8").splitlines()) <= 300
 
 
+def _markers() -> tuple[set[str], str]:
+    """(the registered pytest markers, the default selection of addopts) from pyproject.toml."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    block = text[text.index("[tool.pytest.ini_options]"):]
+    listed = block[block.index("markers = ["):block.index("\n]")]
+    names = set(re.findall(r'^\s+"(\w+): ', listed, flags=re.M))
+    return names, re.search(r"addopts = \"-m '([^']+)'", block).group(1)
+
+
+def test_test_commands_name_registered_markers_and_run_what_the_default_leaves_out():
+    """Every `-m` selection the documents and scripts give names registered markers, and `run.sh test`
+    runs, after the default suite, exactly the markers the default leaves out (but slow and gpu)."""
+    names, default = _markers()
+    assert {"multiprocess", "long", "slow", "gpu"} <= names
+    words = {"and", "or", "not"}
+    selection = re.compile(r"pytest\b[^\n`]*? -m (?!pytest\b)(?:'([^']+)'|\"([^\"]+)\"|(\w+))")  # -m EXPR of a pytest command
+    for path in [README, ROOT / "run.sh", ROOT / ".ci" / "run", *sorted((ROOT / "docs").glob("*.md")),
+                 ROOT / "benchmarks" / "README.md", ROOT / "DESIGN.md"]:
+        for single, quoted, bare in selection.findall(path.read_text(encoding="utf-8")):
+            used = set(re.findall(r"\w+", single or quoted or bare)) - words
+            assert used <= names, f"{path.name}: -m {single or quoted or bare} names unregistered markers"
+    left_out = set(re.findall(r"not (\w+)", default)) - {"slow", "gpu"}
+    second = re.search(r"pytest -q -p no:cacheprovider -m '([^']+)'", (ROOT / "run.sh").read_text()).group(1)
+    assert set(re.findall(r"\w+", second)) - words == left_out and set(re.findall(r"\w+", second)) & words == {"or"}
+
+
 def _write() -> None:
     from ogpsa.plugin.settings import settings_markdown
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import base_config, ogpsa_keys, run_cli
+from helpers import TORCHRUN, assert_refused, base_config, ogpsa_keys, run_cli
 
 from ogpsa.plugin.engines import check_arguments
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
@@ -98,21 +98,19 @@ def test_use_v1_is_refused(monkeypatch):
         check_arguments({}.get, settings(), "")
 
 
-@pytest.mark.parametrize("case", ["offload", "bf16_optimizer"])
-def test_refused_before_launch_exit_2_nothing_written(tiny, tmp_path, case):
+def test_refused_before_launch_exit_2_nothing_written(tiny, tmp_path):
+    """Under torchrun (2 processes asked for): refused before any rank starts, with the line the
+    in-process checks above raise (the other refusals share this path and this contract)."""
+    from ogpsa.plugin.preflight import preflight
+
     out = tmp_path / "out"
-    if case == "offload":
-        config, extra, message = ds(tmp_path, 3, offload_optimizer={"device": "cpu"}), {}, \
-            "config.yaml: deepspeed: zero_optimization.offload_optimizer"
-    else:
-        config, extra, message = bf16_optimizer_config(tmp_path), {"bf16": True}, \
-            "config.yaml: deepspeed: ZeRO-1 with bf16 and data_types.grad_accum_dtype 'fp32'"
-    cfg = base_config(tiny, out, deepspeed=config, **extra, **ogpsa_keys())
-    proc = run_cli(cfg, tmp_path / "run", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ogpsa: error:")]
-    assert proc.returncode == 2 and len(errors) == 1
-    assert message in errors[0]
-    assert not out.exists()
+    cfg = base_config(tiny, out, deepspeed=ds(tmp_path, 3, offload_optimizer={"device": "cpu"}), **ogpsa_keys())
+    with pytest.raises(OGPSAConfigError) as err:
+        preflight(cfg, "config.yaml: ")
+    message = str(err.value).removeprefix("config.yaml: ")
+    assert message.startswith("deepspeed: zero_optimization.offload_optimizer (device 'cpu')")
+    proc = run_cli(cfg, tmp_path / "run", env=TORCHRUN, check=False)
+    assert assert_refused(proc, message, out) == f"ogpsa: error: {tmp_path / 'run' / 'config.yaml'}: {message}"
     # refused before launch: no process loaded the tokenizer or the model
     assert "distributed tasks" not in proc.stdout + proc.stderr and "trainable params" not in proc.stdout + proc.stderr
 

@@ -7,26 +7,14 @@ uneven split, so one rank runs a weight-0 top-up micro-batch) and projects the s
 the same step. The end-to-end FSDP2 run through `llamafactory-cli` needs a GPU machine.
 """
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
-from conftest import BIN, ENV
+from helpers import run_worker
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
 
 def test_fsdp2_pieces_match_whole_tensors(tiny, tmp_path):
-    out = tmp_path / "report.json"
-    worker = Path(__file__).with_name("fsdp2_worker.py")
-    proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(worker), tiny["model"], str(out)],
-        env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    r = run_worker("fsdp2_worker.py", tiny["model"], cwd=tmp_path)
     print(r)
     assert r["engine"] == "fsdp2" and r["ranks"][0] == r["ranks"][1] == 3
     assert r["rows"] < 1e-5  # every rank's rows are the matching slices of the whole basis

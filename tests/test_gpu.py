@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_config, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import REFS, base_config, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
 from ogpsa.plugin.projection import build_basis, project_, residual_cosines
 
@@ -25,7 +25,6 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="skipped: no CUDA")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not (CUDA or REHEARSAL), reason="needs CUDA (or GPU_REHEARSAL=cpu for the rehearsal)")]
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 DATA = {"sft": "toy_safety_sft", "dpo": "toy_safety_dpo"}
 TARGET = {"sft": "toy_safety_sft", "dpo": "toy_dpo_chosen"}  # the loss the stage must still lower
 Z3_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "ds_z3_config.json"

@@ -58,7 +58,7 @@ def test_failed_and_skipped_parts_are_recorded_and_the_run_goes_on(tmp_path):
     assert "logs/install.log" in names and "parts.jsonl" in names and "logs/zero3.log" not in names
 
 
-@pytest.mark.scaleout
+@pytest.mark.long  # a rehearsal with a benchmark part (minutes)
 def test_rehearsal_runs_facts_and_a_benchmark_after_a_planted_failure(tmp_path):
     """A planted failure first, then the facts and a (tiny, CPU) benchmark part still run and report."""
     proc, out, manifest = rehearse(tmp_path, "install,facts,bench_500m_update", GPU_FAIL_PART="install")

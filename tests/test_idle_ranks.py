@@ -1,4 +1,4 @@
-"""A rank with no reference batch still takes part in every collective of a rebuild (scale-out suite).
+"""A rank with no reference batch still takes part in every collective of a rebuild (`-m multiprocess`).
 
 One reference sample per set and 2 processes: `plan_batches` deals each set's only micro-batch to
 rank 0, so rank 1 runs no forward or backward for it. Under ZeRO-1/2, and under DDP with a basis
@@ -10,13 +10,10 @@ side under ZeRO) must equal the basis one process builds from the same sample.
 
 import pytest
 import torch
-from conftest import base_config, ogpsa_keys, ogpsa_log, run_cli
-from test_null_space import null_keys
-from test_scaleout import deepspeed_config
+from helpers import TORCHRUN, base_config, deepspeed_config, null_keys, ogpsa_keys, ogpsa_log, run_cli
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 ONE_SAMPLE = {"ogpsa_reference_samples": 1, "ogpsa_refresh_steps": 0}
 
 

@@ -3,6 +3,7 @@
 Imports point down (integration -> pipelines -> plugin -> pure-torch maths; data_prep imports no
 training code), form no cycle, take no private (underscore) name from another module, and are
 relative between the installed sub-packages, so a static tool resolves them to these folders.
+The tests' own helpers module loads nothing but the standard library (checked in a fresh process).
 """
 
 from __future__ import annotations
@@ -205,3 +206,21 @@ def test_benchmark_uses_public_names_and_patches_nothing_of_the_plugin():
                 if hit:
                     bad.append(f"{path.name}:{node.lineno}: changes {ast.unparse(t)}")
     assert not bad, "the benchmark reaches into private or patched code:\n" + "\n".join(bad)
+
+
+def test_the_tests_helpers_import_only_the_standard_library():
+    """tests/helpers.py is imported by conftest before any test module (conftest then sets the offline
+    environment, OMP_NUM_THREADS among it, before torch loads) and by scripts torchrun starts from
+    tests/: a plain Python process imports it, and it loads no third-party module."""
+    import subprocess
+    import sys
+
+    def third_party(extra: str) -> set[str]:
+        code = f"import sys; {extra}print(' '.join({{m.split('.')[0] for m in sys.modules}}))"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return set(proc.stdout.split()) - set(sys.stdlib_module_names)
+
+    # what the interpreter's start loads anyway (site's .pth files: the activation hook, setuptools')
+    assert third_party("import helpers; ") - third_party("") == {"helpers"}

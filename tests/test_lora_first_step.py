@@ -1,26 +1,30 @@
 """LoRA is projected from its first step: the A matrices get no reference gradient while B = 0."""
 
-from conftest import base_config, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+import pytest
+from helpers import REFS, log_history, ogpsa_keys, ogpsa_log, reference_losses
 
 from ogpsa.plugin.gradient_span import followup_after
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
-LORA = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "optim": "sgd", "max_grad_norm": 0.0}
+LORA = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "optim": "sgd", "max_grad_norm": 0.0,
+        "learning_rate": 0.2, "max_steps": 6}
 
 
-def test_lora_rebuilds_once_more_after_its_first_step(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def runs(trained) -> dict:
+    """{'plain', 'ogpsa'}: LoRA on every linear layer, plain and rebuilt every 3 steps (read only)."""
+    return {"plain": trained(**LORA), "ogpsa": trained(**LORA, **ogpsa_keys(ogpsa_refresh_steps=3))}
+
+
+def test_lora_rebuilds_once_more_after_its_first_step(tiny, runs, start_losses):
     """Rebuild every 3 steps: the zero-gradient A blocks of step 0 get their directions from a
     follow-up rebuild at step 1 (not at step 3), and the reference losses hold."""
     names = REFS + ["toy_safety_sft"]
-    start = reference_losses(tiny["model"], tiny, names)
+    start = start_losses
     change = {}
-    for kind, extra in (("plain", {}), ("ogpsa", ogpsa_keys(ogpsa_refresh_steps=3))):
-        out = tmp_path / kind
-        cfg = base_config(tiny, out, learning_rate=0.2, max_steps=6, **LORA, **extra)
-        run_cli(cfg, tmp_path / f"run_{kind}")
+    for kind, out in runs.items():
         after = reference_losses(tiny["model"], tiny, names, adapter=str(out))
         change[kind] = {n: after[n] - start[n] for n in names}
-    rebuilds = [r for r in ogpsa_log(tmp_path / "ogpsa") if r.get("event") == "rebuild"]
+    rebuilds = [r for r in ogpsa_log(runs["ogpsa"]) if r.get("event") == "rebuild"]
     assert [r["step"] for r in rebuilds] == [0, 1, 3]
     assert [r["followup"] for r in rebuilds] == [False, True, False]
     assert rebuilds[0]["zero_rank_blocks"] > 0  # every A (half of the adapter tensors) at step 0
@@ -32,6 +36,28 @@ def test_lora_rebuilds_once_more_after_its_first_step(tiny, tmp_path):
     assert worst["plain"] > 0.03, "the learning rate must visibly move the reference losses under plain LoRA"
     assert worst["ogpsa"] * 10 <= worst["plain"]
     assert change["ogpsa"]["toy_safety_sft"] < -0.03  # the safety loss still falls
+
+
+def test_lora_logs_its_metrics_and_keeps_the_basis_on_the_adapter(runs):
+    """Every logged step carries the projection's metrics (the projected gradient orthogonal to every
+    reference gradient); the subspace lives on the adapter weights only, at most 3 directions of them."""
+    from safetensors.torch import load_file
+
+    out = runs["ogpsa"]
+    history = [h for h in log_history(out) if "loss" in h]
+    assert len(history) == 6
+    for h in history:
+        assert 0.0 < h["ogpsa/removed_fraction"] < 1.0
+        for name in REFS:
+            assert abs(h[f"ogpsa/cos_after/{name}"]) < 1e-4
+            assert -1.0 <= h[f"ogpsa/cos/{name}"] <= 1.0
+    rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
+    for r in rebuilds:
+        assert r["seconds"] > 0 and all(r[f"grad_norm/{n}"] > 0 for n in REFS)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    trainable = sum(t.numel() for t in adapter.values())
+    assert rebuilds[0]["param_numel"] == trainable
+    assert 0 < rebuilds[0]["basis_bytes"] <= 3 * trainable * 4
 
 
 def test_followup_is_asked_for_once_per_new_zero_block():

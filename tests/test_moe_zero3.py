@@ -1,4 +1,4 @@
-"""ZeRO-3 with MoE leaf modules: a tiny Qwen2-MoE, one process, CPU (scale-out suite).
+"""ZeRO-3 with MoE leaf modules: a tiny Qwen2-MoE, one torchrun rank, CPU (`-m multiprocess`).
 
 Under ZeRO-3 LLaMA-Factory marks each MoE block as a DeepSpeed leaf module
 (`set_z3_leaf_modules`); DeepSpeed then reduces the block's gradients from a full backward hook on
@@ -13,12 +13,9 @@ import json
 import shutil
 
 import pytest
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
-from test_scaleout import deepspeed_config
+from helpers import REFS, base_config, deepspeed_config, load_state, ogpsa_keys, ogpsa_log, run_cli
 
-pytestmark = pytest.mark.scaleout
-
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")

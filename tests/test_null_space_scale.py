@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import base_config, ogpsa_keys, run_cli, tokenized_references
+from helpers import REFS, base_config, ogpsa_keys, run_cli, tokenized_references
 from ogpsa.plugin.activations import (
     constrained_layers,
     input_spaces,
@@ -22,8 +22,6 @@ from ogpsa.plugin.activations import (
 )
 from ogpsa.plugin.nullspace import build_space, project_rows_
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
-
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 
 
 def null_settings(**keys) -> OGPSAArguments:
@@ -81,18 +79,6 @@ def test_fsdp2_cpu_offload_is_refused(fsdp):
     with pytest.raises(OGPSAConfigError, match=re.escape("x.yaml: fsdp: CPU offload is not supported by OGPSA")):
         check_arguments({"fsdp": fsdp, "fsdp_config": {"version": 2}}.get, settings, "x.yaml: ")
     check_arguments({"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2}}.get, settings, "")
-
-
-@pytest.mark.scaleout  # ~30 s; the in-process checks above cover the default suite (same contract as test_engines)
-def test_lora_null_space_with_rebuilds_is_refused_before_launch(tiny, tmp_path):
-    out = tmp_path / "out"
-    keys = ogpsa_keys(ogpsa_method="null_space", ogpsa_reference_samples=2, ogpsa_refresh_steps=2)
-    proc = run_cli(base_config(tiny, out, finetuning_type="lora", lora_target="all", max_steps=1, **keys),
-                   tmp_path / "run", check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ogpsa: error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "config.yaml: ogpsa_refresh_steps: ogpsa_method=null_space under LoRA builds once (0)" in errors[0]
-    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_a_trained_lora_b_refuses_a_rebuild(tiny):
@@ -184,7 +170,7 @@ def test_moe_with_training_experts_is_refused(moe):
                      for n in ("gate.weight", "experts.gate_up_proj", "experts.down_proj")]
 
 
-@pytest.mark.scaleout  # ~40 s; test_moe_with_training_experts_is_refused covers the default suite
+@pytest.mark.long  # ~40 s; test_moe_with_training_experts_is_refused covers the default suite
 def test_moe_full_fine_tuning_is_refused_with_one_line(moe, tmp_path):
     out = tmp_path / "out"
     keys = ogpsa_keys(ogpsa_method="null_space", ogpsa_reference_samples=2, ogpsa_refresh_steps=0)
@@ -196,7 +182,7 @@ def test_moe_full_fine_tuning_is_refused_with_one_line(moe, tmp_path):
     assert "Traceback" not in proc.stderr and not (out / "model.safetensors").exists()
 
 
-@pytest.mark.scaleout  # kept out of the default suite's 15-minute budget; CI runs -m scaleout
+@pytest.mark.long  # kept out of the default suite's 15-minute budget
 def test_moe_lora_null_space_trains_and_holds_the_shared_expert(moe, tmp_path):
     """LoRA on every linear layer of the MoE model (experts and router frozen): the run trains, and
     each shared-expert adapter A stays in the null space of its (flattened) reference inputs."""

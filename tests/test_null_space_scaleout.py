@@ -1,4 +1,4 @@
-"""`ogpsa_method: null_space` under DDP (2 processes, gloo) and across a resume (scale-out suite).
+"""`ogpsa_method: null_space` under DDP (2 processes, gloo) and across a resume (`-m multiprocess`, and `-m long` for the one-process runs).
 
 DDP: the reference batches are split across ranks and the input covariances summed, so two
 processes keep the same null spaces as one, and train the same weights. Resume: the null spaces
@@ -9,18 +9,10 @@ uninterrupted one, even with a rebuild schedule that a fresh rebuild at the resu
 import shutil
 
 import pytest
-from conftest import base_config, load_state, ogpsa_log, run_cli
-from test_null_space import null_keys
-
-pytestmark = pytest.mark.scaleout
-
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
+from helpers import TORCHRUN, base_config, load_state, max_diff, null_keys, ogpsa_log, run_cli
 
 
-def max_diff(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
+@pytest.mark.multiprocess
 def test_two_processes_keep_the_same_null_spaces_as_one(tiny, tmp_path):
     states = {}
     for label, keys in (("plain", {}), ("null", null_keys())):
@@ -45,6 +37,7 @@ def test_two_processes_keep_the_same_null_spaces_as_one(tiny, tmp_path):
         k: v for k, v in two.items() if k.startswith(("null_dim/", "input_tokens/"))}
 
 
+@pytest.mark.long  # three one-process runs; test_resume covers the gradient span's resume in the default suite
 def test_resume_equals_uninterrupted_null_space_run(tiny, tmp_path):
     cfg = base_config(tiny, None, optim="adamw_torch", learning_rate=2e-3, max_steps=6, save_strategy="steps",
                       save_steps=3, overwrite_output_dir=False, **null_keys(ogpsa_refresh_steps=2))
@@ -62,6 +55,7 @@ def test_resume_equals_uninterrupted_null_space_run(tiny, tmp_path):
     assert rebuilds == [0, 2, 4]
 
 
+@pytest.mark.long  # two one-process runs; test_ogpsa_sft checks the gradient span's accumulation
 def test_gradient_accumulation_1x8_equals_8x1_under_null_space(tiny, tmp_path):
     """The null-space projection acts on the accumulated gradient: 8 micro-batches of 1 train as 1 batch of 8."""
     states = {}

@@ -1,13 +1,16 @@
 """ogpsa_dpo end to end through `llamafactory-cli train`: LLaMA-Factory's DPO workflow, projected."""
 
 import pytest
-from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import REFS, base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
+
+DPO = {"stage": "dpo", "dataset": "toy_safety_dpo", "pref_beta": 0.1}
+# plain SGD, rebuild every step: the plain run is shared by the preservation and observe-mode tests
+DPO_SGD = {**DPO, "optim": "sgd", "learning_rate": 0.02, "max_steps": 4, "max_grad_norm": 0.0}
 
 
 def dpo_config(tiny, out, **overrides):
-    return base_config(tiny, out, **{"stage": "dpo", "dataset": "toy_safety_dpo", "pref_beta": 0.1, **overrides})
+    return base_config(tiny, out, **{**DPO, **overrides})
 
 
 @pytest.mark.parametrize("finetuning,loss", [("full", "sigmoid"), ("lora", "sigmoid"), ("full", "orpo")])
@@ -32,15 +35,15 @@ def test_ogpsa_dpo_runs_and_logs(tiny, tmp_path, finetuning, loss):
     assert [r["followup"] for r in rebuilds] == ([False, True] if finetuning == "lora" else [False])
 
 
-def test_first_order_preservation_dpo(tiny, tmp_path):
+def test_first_order_preservation_dpo(tiny, tmp_path, trained, start_losses):
     """Plain SGD, rebuild every step: reference losses move >=10x less, chosen answers still gain."""
     names = REFS + ["toy_dpo_chosen"]
-    start = reference_losses(tiny["model"], tiny, names)
+    start = start_losses
     change = {}
     for kind, extra in (("plain", {}), ("ogpsa", ogpsa_keys(stage="ogpsa_dpo"))):
-        out = tmp_path / kind
-        cfg = dpo_config(tiny, out, optim="sgd", learning_rate=0.02, max_steps=4, max_grad_norm=0.0, **extra)
-        run_cli(cfg, tmp_path / f"run_{kind}")
+        out = trained(**DPO_SGD) if kind == "plain" else tmp_path / kind
+        if kind != "plain":
+            run_cli(base_config(tiny, out, **{**DPO_SGD, **extra}), tmp_path / f"run_{kind}")
         after = reference_losses(str(out), tiny, names)
         change[kind] = {n: after[n] - start[n] for n in names}
     plain_ref = max(abs(change["plain"][n]) for n in REFS)
@@ -52,10 +55,13 @@ def test_first_order_preservation_dpo(tiny, tmp_path):
     assert change["ogpsa"]["toy_dpo_chosen"] < -0.1  # the chosen responses gain likelihood
 
 
-def test_observe_mode_dpo_is_bitwise_plain(tiny, tmp_path):
-    cfg = dpo_config(tiny, None, max_steps=2)
-    plain, observed = tmp_path / "plain", tmp_path / "observe"
-    run_cli({**cfg, "output_dir": str(plain)}, tmp_path / "r1")
-    run_cli({**cfg, **ogpsa_keys(stage="ogpsa_dpo", ogpsa_mode="observe"), "output_dir": str(observed)}, tmp_path / "r2")
-    a, b = load_state(plain), load_state(observed)
-    assert all(bool((a[k] == b[k]).all()) for k in a)
+def test_observe_mode_dpo_is_bitwise_plain(tiny, tmp_path, trained):
+    """A reference forward/backward before every step (the DPO workflow's reference model beside it)
+    leaks nothing into the update: bitwise the plain run."""
+    observed = tmp_path / "observe"
+    run_cli(base_config(tiny, observed, **{**DPO_SGD, **ogpsa_keys(stage="ogpsa_dpo", ogpsa_mode="observe")}),
+            tmp_path / "r2")
+    assert sum(1 for r in ogpsa_log(observed) if r.get("event") == "rebuild") == 4
+    a, b, start = load_state(trained(**DPO_SGD)), load_state(observed), load_state(tiny["model"])
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-4  # the plain run did train

@@ -1,11 +1,27 @@
 """ogpsa_sft end to end through the stock `llamafactory-cli train` (and the `ogpsa` command)."""
 
 import json
+import shutil
 
 import pytest
-from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import (
+    PLAIN_ADAMW_3,
+    PLAIN_ADAMW_4,
+    REFS,
+    assert_refused,
+    base_config,
+    load_state,
+    log_history,
+    ogpsa_keys,
+    ogpsa_log,
+    reference_losses,
+    run_cli,
+)
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
+
+# plain SGD, constant LR, 4 steps, no clipping: the first-order preservation runs (the OGPSA one, rebuilt
+# every step, is also the 4x1 side of the gradient accumulation check)
+SGD = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 4, "max_grad_norm": 0.0}
 
 
 def max_weight_diff(a: dict, b: dict) -> float:
@@ -13,17 +29,19 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def test_first_order_preservation_sft(tiny, tmp_path):
+def test_first_order_preservation_sft(tiny, tmp_path, trained, start_losses):
     """Plain SGD, constant LR, rebuild every step: reference losses barely move under ogpsa_sft."""
     names = REFS + ["toy_safety_sft"]
-    start = reference_losses(tiny["model"], tiny, names)
-    change = {}
+    start = start_losses
+    change, outs = {}, {}
     runs = (("plain", {}), ("ogpsa", ogpsa_keys()), ("bf16_basis", ogpsa_keys(ogpsa_basis_dtype="bfloat16")))
     for kind, extra in runs:
-        out = tmp_path / kind
-        cfg = base_config(tiny, out, optim="sgd", learning_rate=0.05, max_steps=4, max_grad_norm=0.0, **extra)
-        run_cli(cfg, tmp_path / f"run_{kind}")
-        after = reference_losses(str(out), tiny, names)
+        if kind == "bf16_basis":
+            outs[kind] = tmp_path / kind
+            run_cli(base_config(tiny, outs[kind], **SGD, **extra), tmp_path / f"run_{kind}")
+        else:  # shared: the plain baseline, and the OGPSA run the accumulation check compares against
+            outs[kind] = trained(**SGD, **extra)
+        after = reference_losses(str(outs[kind]), tiny, names)
         change[kind] = {n: after[n] - start[n] for n in names}
     worst = {kind: max(abs(change[kind][n]) for n in REFS) for kind, _ in runs}
     plain_ref, ogpsa_ref = worst["plain"], worst["ogpsa"]
@@ -34,21 +52,21 @@ def test_first_order_preservation_sft(tiny, tmp_path):
     assert change["ogpsa"]["toy_safety_sft"] < -0.1  # the safety loss still falls
     # a bfloat16 basis (half the memory) beside float32 weights: still >= 10x steadier than plain
     assert worst["bf16_basis"] * 10 <= plain_ref and change["bf16_basis"]["toy_safety_sft"] < -0.1
-    event = next(r for r in ogpsa_log(tmp_path / "bf16_basis") if r.get("event") == "rebuild")
-    assert event["basis_bytes"] * 2 == next(r for r in ogpsa_log(tmp_path / "ogpsa") if r.get("event") == "rebuild")["basis_bytes"]
+    event = next(r for r in ogpsa_log(outs["bf16_basis"]) if r.get("event") == "rebuild")
+    assert event["basis_bytes"] * 2 == next(r for r in ogpsa_log(outs["ogpsa"]) if r.get("event") == "rebuild")["basis_bytes"]
 
 
-def test_update_target_keeps_first_order_preservation_under_adamw(tiny, tmp_path):
+def test_update_target_keeps_first_order_preservation_under_adamw(tiny, tmp_path, trained, start_losses):
     """AdamW rescales the projected gradient per coordinate: projecting only the gradient (the paper)
     lets the reference losses move, projecting the update too (the default) holds them."""
     names = REFS + ["toy_safety_sft"]
-    start = reference_losses(tiny["model"], tiny, names)
+    start = start_losses
     change = {}
     runs = (("plain", {}), ("gradient", ogpsa_keys(ogpsa_target="gradient")), ("update", ogpsa_keys()))
     for kind, extra in runs:
-        out = tmp_path / kind
-        cfg = base_config(tiny, out, optim="adamw_torch", learning_rate=1e-3, max_steps=4, max_grad_norm=0.0, **extra)
-        run_cli(cfg, tmp_path / f"run_{kind}")
+        out = trained(**PLAIN_ADAMW_4) if kind == "plain" else tmp_path / kind
+        if kind != "plain":
+            run_cli(base_config(tiny, out, **PLAIN_ADAMW_4, **extra), tmp_path / f"run_{kind}")
         after = reference_losses(str(out), tiny, names)
         change[kind] = {n: after[n] - start[n] for n in names}
         if kind == "update":
@@ -63,25 +81,25 @@ def test_update_target_keeps_first_order_preservation_under_adamw(tiny, tmp_path
     assert change["update"]["toy_safety_sft"] < -0.2  # the safety loss still falls
 
 
-def test_plain_yaml_trains_exactly_as_stock(tiny, tmp_path):
+def test_plain_yaml_trains_exactly_as_stock(tiny, tmp_path, trained):
     """A YAML without OGPSA keys: identical losses and weights with and without the activation."""
-    cfg = base_config(tiny, None, max_steps=3)
     results = {}
     for label, env in (("armed", {}), ("disabled", {"OGPSA_DISABLE": "1"})):
-        out = tmp_path / label
-        run_cli({**cfg, "output_dir": str(out)}, tmp_path / f"run_{label}", env=env)
+        if label == "armed":  # the shared plain baseline: every test process runs with the activation armed
+            out = trained(**PLAIN_ADAMW_3)
+        else:
+            out = tmp_path / label
+            run_cli(base_config(tiny, out, **PLAIN_ADAMW_3), tmp_path / f"run_{label}", env=env)
         results[label] = ([h["loss"] for h in log_history(out) if "loss" in h], load_state(out))
         assert not (out / "ogpsa_log.jsonl").exists()
-    assert results["armed"][0] == results["disabled"][0]
+    assert len(results["armed"][0]) == 3 and results["armed"][0] == results["disabled"][0]
     assert max_weight_diff(results["armed"][1], results["disabled"][1]) == 0.0
 
 
-def test_observe_mode_leaves_training_bitwise_unchanged(tiny, tmp_path):
+def test_observe_mode_leaves_training_bitwise_unchanged(tiny, tmp_path, trained):
     """Rebuilding every step (forward/backward on reference data) must not leak into the update."""
-    cfg = base_config(tiny, None, max_steps=3, optim="adamw_torch")
-    plain, observed = tmp_path / "plain", tmp_path / "observe"
-    run_cli({**cfg, "output_dir": str(plain)}, tmp_path / "r1")
-    run_cli({**cfg, **ogpsa_keys(ogpsa_mode="observe"), "output_dir": str(observed)}, tmp_path / "r2")
+    plain, observed = trained(**PLAIN_ADAMW_3), tmp_path / "observe"
+    run_cli(base_config(tiny, observed, **PLAIN_ADAMW_3, **ogpsa_keys(ogpsa_mode="observe")), tmp_path / "r2")
     assert sum(1 for r in ogpsa_log(observed) if r.get("event") == "rebuild") == 3
     assert max_weight_diff(load_state(plain), load_state(observed)) == 0.0
     # ...while the observed run did measure a real overlap with the reference gradients
@@ -90,12 +108,12 @@ def test_observe_mode_leaves_training_bitwise_unchanged(tiny, tmp_path):
     assert max(abs(r["cos/toy_general_ref"]) for r in steps) > 0.05
 
 
-@pytest.mark.parametrize("finetuning", ["lora", "freeze"])
-def test_lora_and_freeze_log_metrics(tiny, tmp_path, finetuning):
-    extra = {"lora_target": "all", "lora_rank": 4} if finetuning == "lora" else {"freeze_trainable_layers": 1}
+def test_freeze_logs_metrics(tiny, tmp_path):
+    """Freeze tuning: the subspace lives on the trainable layers only. (LoRA's metrics and adapter-sized
+    basis: test_lora_first_step.)"""
     out = tmp_path / "out"
-    cfg = base_config(tiny, out, finetuning_type=finetuning, max_steps=4, learning_rate=1e-2,
-                      **extra, **ogpsa_keys(ogpsa_refresh_steps=2))
+    cfg = base_config(tiny, out, finetuning_type="freeze", freeze_trainable_layers=1, max_steps=4, learning_rate=1e-2,
+                      **ogpsa_keys(ogpsa_refresh_steps=2))
     run_cli(cfg, tmp_path / "run")
     history = [h for h in log_history(out) if "loss" in h]
     assert len(history) == 4
@@ -105,41 +123,26 @@ def test_lora_and_freeze_log_metrics(tiny, tmp_path, finetuning):
             assert abs(h[f"ogpsa/cos_after/{name}"]) < 1e-4
             assert -1.0 <= h[f"ogpsa/cos/{name}"] <= 1.0
     rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
-    # LoRA: a follow-up rebuild at step 1 gives the A tensors (zero reference gradient while B = 0) directions
-    assert [r["step"] for r in rebuilds] == ([0, 1, 2] if finetuning == "lora" else [0, 2])
+    assert [r["step"] for r in rebuilds] == [0, 2]
     for r in rebuilds:
         assert r["seconds"] > 0 and all(r[f"grad_norm/{n}"] > 0 for n in REFS)
-    if finetuning == "lora":
-        from safetensors.torch import load_file
-
-        adapter = load_file(str(out / "adapter_model.safetensors"))
-        trainable = sum(t.numel() for t in adapter.values())
-        # the subspace lives on the adapter weights only (at most 3 directions x adapters)
-        assert rebuilds[0]["param_numel"] == trainable
-        assert 0 < rebuilds[0]["basis_bytes"] <= 3 * trainable * 4
-    else:
-        full = sum(t.numel() for t in load_state(out).values())
-        assert 0 < rebuilds[0]["param_numel"] < full
+    full = sum(t.numel() for t in load_state(out).values())
+    assert 0 < rebuilds[0]["param_numel"] < full
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tiny, tmp_path):
-    states = {}
-    for label, bs, ga in (("1x8", 1, 8), ("8x1", 8, 1)):
-        out = tmp_path / label
-        cfg = base_config(tiny, out, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=2,
-                          optim="sgd", learning_rate=0.05, max_grad_norm=0.0, **ogpsa_keys())
-        run_cli(cfg, tmp_path / f"run_{label}")
-        states[label] = load_state(out)
-    start = load_state_from_model(tiny["model"])
-    moved = max_weight_diff(states["8x1"], start)
-    diff = max_weight_diff(states["1x8"], states["8x1"])
-    print(f"max |w_1x8 - w_8x1| = {diff:.2e}, max update = {moved:.2e}")
+def test_gradient_accumulation_1x4_equals_4x1(tiny, tmp_path, trained):
+    """4 micro-batches of 1 train as 1 batch of 4 (the 4x1 run: the first-order preservation's)."""
+    states = {"4x1": load_state(trained(**SGD, **ogpsa_keys()))}
+    out = tmp_path / "1x4"
+    run_cli(base_config(tiny, out, **{**SGD, **ogpsa_keys(), "per_device_train_batch_size": 1,
+                                      "gradient_accumulation_steps": 4}), tmp_path / "run_1x4")
+    states["1x4"] = load_state(out)
+    start = load_state(tiny["model"])
+    moved = max_weight_diff(states["4x1"], start)
+    diff = max_weight_diff(states["1x4"], states["4x1"])
+    print(f"max |w_1x4 - w_4x1| = {diff:.2e}, max update = {moved:.2e}")
     assert moved > 1e-3
     assert diff < 1e-3 * moved
-
-
-def load_state_from_model(model_dir):
-    return load_state(model_dir)
 
 
 def test_ogpsa_command_with_overrides(tiny, tmp_path):
@@ -154,51 +157,75 @@ def test_ogpsa_command_with_overrides(tiny, tmp_path):
 
 
 # ---- bad input: one clear line, exit code 2, nothing written to output_dir ---------------------
+# The messages are checked in this process (`preflight`, which `llamafactory-cli train x.yaml` runs
+# before launch, and the reference tokenisation of the callback); one process per contract checks the
+# exit code, the single line and the untouched output_dir.
 
+KNOWN = ("['ogpsa_basis_dtype', 'ogpsa_directions_per_set', 'ogpsa_granularity', 'ogpsa_method', 'ogpsa_mode', "
+         "'ogpsa_null_alpha', 'ogpsa_null_energy', 'ogpsa_null_layers', 'ogpsa_reference', "
+         "'ogpsa_reference_batch_size', 'ogpsa_reference_samples', 'ogpsa_refresh_steps', 'ogpsa_save_basis', "
+         "'ogpsa_target']")
+REGISTERED = ("toy_benign_eval, toy_dpo_chosen, toy_general_eval, toy_general_ref, toy_harmful_eval, toy_hhh_eval, "
+              "toy_hhh_ref, toy_math_eval, toy_math_ref, toy_safety_dpo, toy_safety_sft")
 BAD = {
-    "unknown_reference": ({"ogpsa_reference": "toy_math_ref,nope_ref"}, "'nope_ref' not found in"),
-    "keys_on_stock_stage": ({"stage": "sft"}, "need `stage: ogpsa_sft` or `stage: ogpsa_dpo`"),
-    "wrong_type": ({"ogpsa_refresh_steps": "often"}, "ogpsa_refresh_steps: expected an integer"),
-    "unknown_key": ({"ogpsa_refresh": 3}, "ogpsa_refresh: unknown OGPSA key"),
-    "bad_choice": ({"ogpsa_granularity": "layer"}, "ogpsa_granularity: expected one of ['tensor', 'global']"),
-    "missing_reference": ({"ogpsa_reference": ""}, "ogpsa_reference: required"),
+    "unknown_reference": ({"ogpsa_reference": "toy_math_ref,nope_ref"},
+                          "ogpsa_reference: 'nope_ref' not found in {data}/dataset_info.json (registered: "
+                          + REGISTERED + ")"),
+    "keys_on_stock_stage": ({"stage": "sft"}, "ogpsa_reference, ogpsa_reference_samples, ogpsa_refresh_steps: "
+                            "ogpsa_* keys need `stage: ogpsa_sft` or `stage: ogpsa_dpo`, but the stage is 'sft'"),
+    "wrong_type": ({"ogpsa_refresh_steps": "often"}, "ogpsa_refresh_steps: expected an integer, got 'often' (str)"),
+    "unknown_key": ({"ogpsa_refresh": 3}, "ogpsa_refresh: unknown OGPSA key(s); known keys: " + KNOWN),
+    "bad_choice": ({"ogpsa_granularity": "layer"},
+                   "ogpsa_granularity: expected one of ['tensor', 'global'], got 'layer'"),
+    "missing_reference": ({"ogpsa_reference": ""}, "ogpsa_reference: required for stage ogpsa_sft (comma-separated "
+                          "dataset names from dataset_info.json, e.g. gsm8k_ref,alpaca_ref,hhh_ref)"),
 }
 
 
+def bad_config(tiny, out, case: str) -> dict:
+    return base_config(tiny, out, max_steps=2, **{**ogpsa_keys(), **BAD[case][0]})
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_settings_fail_before_training(tiny, tmp_path, case):
-    keys, message = BAD[case]
+def test_bad_settings_are_one_line_naming_the_file(tiny, tmp_path, case):
+    from ogpsa.plugin.preflight import preflight
+    from ogpsa.plugin.settings import OGPSAConfigError
+
+    with pytest.raises(OGPSAConfigError) as err:
+        preflight(bad_config(tiny, tmp_path / "out", case), "config.yaml: ")
+    assert str(err.value) == "config.yaml: " + BAD[case][1].format(data=tiny["data"])
+
+
+def test_bad_settings_fail_before_training(tiny, tmp_path):
+    """The contract in a real process: exit 2, the very line preflight raises (naming the file), nothing written."""
     out = tmp_path / "out"
-    cfg = base_config(tiny, out, max_steps=2, **{**ogpsa_keys(), **keys})
-    proc = run_cli(cfg, tmp_path / "run", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not out.exists()
+    proc = run_cli(bad_config(tiny, out, "unknown_reference"), tmp_path / "run", check=False)
+    message = BAD["unknown_reference"][1].format(data=tiny["data"])
+    assert assert_refused(proc, message, out) == f"ogpsa: error: {tmp_path / 'run' / 'config.yaml'}: {message}"
 
 
-def test_empty_reference_set_fails_before_training(tiny, tmp_path):
+def test_empty_reference_set_is_named(tiny, tmp_path):
+    """Found when the callback tokenises the reference sets (after the model loads): the set and the
+    dataset_dir named, in one line. (The contract of an error the run finds: the next test.)"""
+    from helpers import tokenized_references
+
+    from ogpsa.plugin.settings import OGPSAConfigError
+
     data = tmp_path / "data"
-    data.mkdir()
-    info = json.loads((__import__("pathlib").Path(tiny["data"]) / "dataset_info.json").read_text())
-    info["empty_ref"] = {"file_name": "empty_ref.json"}
-    (data / "dataset_info.json").write_text(json.dumps(info))
+    shutil.copytree(tiny["data"], data)
+    info = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**info, "empty_ref": {"file_name": "empty_ref.json"}}))
     (data / "empty_ref.json").write_text("[]")
-    for name in info:
-        src = __import__("pathlib").Path(tiny["data"]) / f"{name}.json"
-        if src.exists():
-            (data / src.name).write_text(src.read_text())
-    out = tmp_path / "out"
-    cfg = base_config(tiny, out, dataset_dir=str(data), max_steps=2, **ogpsa_keys(ogpsa_reference="toy_math_ref,empty_ref"))
-    proc = run_cli(cfg, tmp_path / "run", check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "reference set 'empty_ref' is empty" in proc.stderr
-    assert not out.exists()
+    with pytest.raises(OGPSAConfigError) as err:
+        tokenized_references(tiny["model"], {**tiny, "data": str(data)}, ["toy_math_ref", "empty_ref"])
+    message = str(err.value)
+    assert message.startswith(f"ogpsa_reference: reference set 'empty_ref' is empty or cannot be loaded (dataset_dir "
+                              f"{str(data)!r}): ") and "\n" not in message, message
 
 
 def test_non_finite_reference_gradient_fails_before_training(tiny, tmp_path):
-    import shutil
-
+    """An error the run itself finds (the first build, after the trainer made output_dir): the same
+    contract, output_dir removed again."""
     from safetensors.torch import save_file
 
     model = tmp_path / "nan_model"
@@ -210,6 +237,5 @@ def test_non_finite_reference_gradient_fails_before_training(tiny, tmp_path):
     out = tmp_path / "out"
     cfg = base_config(tiny, out, model_name_or_path=str(model), max_steps=2, **ogpsa_keys())
     proc = run_cli(cfg, tmp_path / "run", check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "is not finite" in proc.stderr and "toy_math_ref" in proc.stderr
-    assert not out.exists()
+    assert_refused(proc, "ogpsa_reference: the gradient of reference set 'toy_math_ref' is not finite at step 0 "
+                         "(check the data and the learning rate)", out)

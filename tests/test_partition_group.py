@@ -1,4 +1,4 @@
-"""ZeRO partitioning within a data-parallel group narrower than the world is refused (scale-out suite).
+"""ZeRO partitioning within a data-parallel group narrower than the world is refused (`-m multiprocess`).
 
 The projection's inner products and a rebuild's reference gradients are summed over the whole
 world; with DeepSpeed's MiCS, expert groups, sequence or tensor parallelism a ZeRO rank partitions
@@ -7,26 +7,14 @@ group sizes from the real ZeRO optimizer (`tests/partition_group_worker.py`, 2 p
 The same engine also drives the check every rebuild ends with (no pending gradient reduction).
 """
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
-from conftest import BIN, ENV
+from helpers import run_worker
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
 
 def test_partition_group_narrower_than_the_world_is_refused(tiny, tmp_path):
-    out = tmp_path / "report.json"
-    worker = Path(__file__).with_name("partition_group_worker.py")
-    proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(worker), tiny["model"], str(out)],
-        env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = run_worker("partition_group_worker.py", tiny["model"], cwd=tmp_path)
     print(report)
     assert report["world"] == "ok: zero2"
     assert report["alone"] == ("refused: deepspeed: the optimizer partitions over process groups of 1 ranks, not all 2 "

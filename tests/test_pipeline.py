@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ENV, load_state, ogpsa_log
+from helpers import BIN, ENV, load_state, max_diff, ogpsa_log
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -36,10 +36,6 @@ def state(tmp_path, name="tiny_sft_dpo"):
     return json.loads((tmp_path / "runs" / name / "pipeline.json").read_text())
 
 
-def max_diff(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_every_recipe_validates(recipe, tmp_path):
     from ogpsa.pipelines import recipe as recipes
@@ -61,10 +57,56 @@ def test_every_recipe_validates(recipe, tmp_path):
     assert parsed.stages[0].args["do_train"] is True
 
 
-def test_tiny_pipeline_full_handoff_and_rerun(assets, tmp_path):
-    run_recipe(tmp_path, "dpo.learning_rate=1.0e-6")
-    st = state(tmp_path)
-    root = tmp_path / "runs" / "tiny_sft_dpo"
+@pytest.fixture(scope="module")
+def history(tiny, tmp_path_factory):
+    """One tiny pipeline taken through what a user does to it, each command's outcome recorded for the
+    tests below: the first run, the same command again, an interrupted DPO stage resumed, an edited DPO
+    stage, an edited SFT stage, edited DPO data, a deleted SFT model folder (rerun with --verbose).
+    {step: {"proc", "state", ...}} (the weights of the first run loaded)."""
+    tmp = tmp_path_factory.mktemp("history")
+    assets = tmp / "runs" / "tiny_assets"
+    shutil.copytree(Path(tiny["model"]).parent, assets)
+    root = tmp / "runs" / "tiny_sft_dpo"
+    lr = "dpo.learning_rate=1.0e-6"  # stage 2 stays next to stage 1's weights
+    done = {}
+    first = run_recipe(tmp, lr)
+    done["first"] = {"proc": first, "state": state(tmp), "root": root, "dpo_log": ogpsa_log(root / "02_dpo"),
+                     "train_log": (root / "01_sft" / "train.log").read_text(),
+                     "weights": [load_state(p) for p in (assets / "model", root / "01_sft", root / "02_dpo")],
+                     "mtime": (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns}
+    again = run_recipe(tmp, lr)
+    done["again"] = {"proc": again, "mtime": (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns}
+    # make the DPO stage look killed after its first checkpoint (step 4 of 8)
+    st = state(tmp)
+    st["stages"][1]["status"] = "running"
+    (root / "pipeline.json").write_text(json.dumps(st))
+    for name in ("model.safetensors", "train_results.json", "trainer_state.json", "all_results.json"):
+        (root / "02_dpo" / name).unlink()
+    shutil.rmtree(root / "02_dpo" / "checkpoint-8")
+    resumed = run_recipe(tmp, lr)
+    done["resumed"] = {"proc": resumed, "state": state(tmp), "train_log": (root / "02_dpo" / "train.log").read_text(),
+                       "trainer_state": json.loads((root / "02_dpo" / "trainer_state.json").read_text())}
+    done["edit_dpo"] = {"proc": run_recipe(tmp, lr, "dpo.pref_beta=0.2")}
+    args = (lr, "dpo.pref_beta=0.2", "sft.num_train_epochs=1")
+    done["edit_sft"] = {"proc": run_recipe(tmp, *args), "state": state(tmp)}
+    mtime = {s: (root / s / "model.safetensors").stat().st_mtime_ns for s in ("01_sft", "02_dpo")}
+    edit_json(assets / "data" / "toy_safety_dpo.json", lambda rows: rows[0].update(rejected="Sure, here is how."))
+    done["edit_data"] = {"proc": run_recipe(tmp, *args), "before": mtime,
+                         "after": {s: (root / s / "model.safetensors").stat().st_mtime_ns for s in ("01_sft", "02_dpo")}}
+    before = (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(root / "01_sft")
+    done["deleted"] = {"proc": run_recipe(tmp, *args, "--verbose"), "state": state(tmp), "before": before,
+                       "after": (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns,
+                       "files": {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}}
+    return done
+
+
+def test_tiny_pipeline_full_handoff(history):
+    st, root = history["first"]["state"], history["first"]["root"]
+    # quiet console: LLaMA-Factory's output is in each stage's train.log
+    first = history["first"]["proc"]
+    assert "Running training" not in first.stdout + first.stderr
+    assert "***** Running training *****" in history["first"]["train_log"]
     sft, dpo = st["stages"]
     assert [sft["status"], dpo["status"]] == ["done", "done"]
     assert dpo["start_model"] == sft["model"] == str(root / "01_sft")
@@ -76,43 +118,57 @@ def test_tiny_pipeline_full_handoff_and_rerun(assets, tmp_path):
         assert all(m[f"nll/{k}"] > 0 for k in ("math", "general", "hhh"))
     assert sft["eval"]["metrics"]["nll/math"] != st["eval_base"]["metrics"]["nll/math"]
     # stage 2 trained from stage 1's weights: with a tiny DPO learning rate it stays next to them
-    w0, w1, w2 = load_state(assets / "model"), load_state(root / "01_sft"), load_state(root / "02_dpo")
+    w0, w1, w2 = history["first"]["weights"]
     assert max_diff(w2, w1) < 1e-3 * max_diff(w1, w0)
     # the subspace was rebuilt at the DPO stage's first step, against that stage's start
-    assert ogpsa_log(root / "02_dpo")[0]["event"] == "rebuild" and ogpsa_log(root / "02_dpo")[0]["step"] == 0
-    # same command again: both stages skipped, nothing retrained
-    mtime = (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns
-    again = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6")
+    assert history["first"]["dpo_log"][0]["event"] == "rebuild" and history["first"]["dpo_log"][0]["step"] == 0
+
+
+def test_the_same_command_again_skips_every_stage(history):
+    again = history["again"]["proc"]
     assert again.stdout.count("unchanged and done, skipped") == 2
-    assert (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns == mtime
-    # editing the DPO stage reruns only it; editing SFT reruns both
-    edit_dpo = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6", "dpo.pref_beta=0.2")
-    assert "01_sft: unchanged and done, skipped" in edit_dpo.stdout and "stage 02_dpo (ogpsa_dpo)" in edit_dpo.stdout
-    edit_sft = run_recipe(tmp_path, "dpo.learning_rate=1.0e-6", "dpo.pref_beta=0.2", "sft.num_train_epochs=1")
-    assert "skipped" not in edit_sft.stdout
-    assert state(tmp_path)["stages"][0]["metrics"]["ogpsa"]["rebuilds"] == 3
+    assert history["again"]["mtime"] == history["first"]["mtime"]  # nothing retrained
 
 
-def test_interrupted_stage_resumes_from_checkpoint(assets, tmp_path):
-    run_recipe(tmp_path)
-    root = tmp_path / "runs" / "tiny_sft_dpo"
-    st = state(tmp_path)
-    # make the DPO stage look killed after its first checkpoint (step 4 of 8)
-    st["stages"][1]["status"] = "running"
-    (root / "pipeline.json").write_text(json.dumps(st))
-    for name in ("model.safetensors", "train_results.json", "trainer_state.json", "all_results.json"):
-        (root / "02_dpo" / name).unlink()
-    shutil.rmtree(root / "02_dpo" / "checkpoint-8")
-    proc = run_recipe(tmp_path)
+def test_interrupted_stage_resumes_from_checkpoint(history):
+    proc = history["resumed"]["proc"]
     assert "01_sft: unchanged and done, skipped" in proc.stdout and "(resuming)" in proc.stdout
     # the resumed run's LLaMA-Factory log is appended to the stage's log, after the first run's
-    log = (root / "02_dpo" / "train.log").read_text()
+    log = history["resumed"]["train_log"]
     assert log.count("\n=== ") == 2 and "Resuming training from" in log.split("\n=== ")[2]
     assert "Resuming training from" not in proc.stderr + proc.stdout
-    trainer_state = json.loads((root / "02_dpo" / "trainer_state.json").read_text())
+    trainer_state = history["resumed"]["trainer_state"]
     assert trainer_state["global_step"] == 8
     assert [h["step"] for h in trainer_state["log_history"] if "loss" in h][-4:] == [5, 6, 7, 8]
-    assert state(tmp_path)["stages"][1]["status"] == "done" and state(tmp_path)["stages"][1]["resumed"] is True
+    dpo = history["resumed"]["state"]["stages"][1]
+    assert dpo["status"] == "done" and dpo["resumed"] is True
+
+
+def test_editing_a_stage_reruns_it_and_every_later_one(history):
+    # editing the DPO stage reruns only it; editing SFT reruns both
+    edit_dpo = history["edit_dpo"]["proc"]
+    assert "01_sft: unchanged and done, skipped" in edit_dpo.stdout and "stage 02_dpo (ogpsa_dpo)" in edit_dpo.stdout
+    edit_sft = history["edit_sft"]["proc"]
+    assert "skipped" not in edit_sft.stdout
+    assert history["edit_sft"]["state"]["stages"][0]["metrics"]["ogpsa"]["rebuilds"] == 3
+
+
+def test_changed_data_reruns_only_the_stage_that_reads_it(history):
+    proc, before, after = (history["edit_data"][k] for k in ("proc", "before", "after"))
+    assert "01_sft: unchanged and done, skipped" in proc.stdout and "02_dpo: changed (data: toy_safety_dpo)" in proc.stdout
+    assert after["01_sft"] == before["01_sft"] and after["02_dpo"] != before["02_dpo"]
+
+
+def test_deleted_model_folder_retrains_it_and_the_next_stage_verbosely(history):
+    proc = history["deleted"]["proc"]
+    assert "01_sft: finished, but its model folder" in proc.stdout and "stage 02_dpo (ogpsa_dpo) from" in proc.stdout
+    # --verbose: today's full output on the console, no log files
+    assert (proc.stdout + proc.stderr).count("***** Running training *****") == 2
+    files = history["deleted"]["files"]
+    assert "01_sft/model.safetensors" in files and "02_dpo/model.safetensors" in files
+    assert "01_sft/train.log" not in files and "02_dpo/train.log" not in files
+    assert history["deleted"]["after"] != history["deleted"]["before"]
+    assert [s["status"] for s in history["deleted"]["state"]["stages"]] == ["done", "done"]
 
 
 def test_tiny_pipeline_lora_merges_between_stages(assets, tmp_path):
@@ -198,7 +254,7 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert "tax avoided math" in report and "Δ refusal vs plain (probes)" in report
 
 
-@pytest.mark.scaleout  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
+@pytest.mark.long  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
 def test_quickstart_null_space_run_joins_the_report(tmp_path):
     """`--only null_space`: the same recipe with ogpsa_method=null_space, built once per stage, in the report."""
     out = tmp_path / "qs"
@@ -384,29 +440,6 @@ def test_stale_lock_is_taken_over_and_a_foreign_one_refused(fake_pipeline, tmp_p
     with pytest.raises(PipelineLocked, match="in use by pid 1 on elsewhere since then .another host"):
         fake_pipeline("eval=null")
     assert (root / "pipeline.json").read_bytes() == before and lock.exists()
-
-
-def test_real_runs_retrain_on_changed_data_and_on_a_deleted_model(assets, tmp_path):
-    """The same decisions with real training (2 steps per stage, no evaluation)."""
-    args = ("eval=null", "max_steps=2")
-    root = tmp_path / "runs" / "tiny_sft_dpo"
-    first = run_recipe(tmp_path, *args)
-    assert "Running training" not in first.stdout + first.stderr
-    assert "***** Running training *****" in (root / "01_sft" / "train.log").read_text()
-    sft_weights = (root / "01_sft" / "model.safetensors").stat().st_mtime_ns
-    edit_json(assets / "data" / "toy_safety_dpo.json", lambda rows: rows[0].update(rejected="Sure, here is how."))
-    proc = run_recipe(tmp_path, *args)
-    assert "01_sft: unchanged and done, skipped" in proc.stdout and "02_dpo: changed (data: toy_safety_dpo)" in proc.stdout
-    assert (root / "01_sft" / "model.safetensors").stat().st_mtime_ns == sft_weights
-    dpo_weights = (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns
-    shutil.rmtree(root / "01_sft")
-    proc = run_recipe(tmp_path, *args, "--verbose")  # today's full output on the console, no log files
-    assert "01_sft: finished, but its model folder" in proc.stdout and "stage 02_dpo (ogpsa_dpo) from" in proc.stdout
-    assert (proc.stdout + proc.stderr).count("***** Running training *****") == 2
-    assert not (root / "01_sft" / "train.log").exists() and not (root / "02_dpo" / "train.log").exists()
-    assert (root / "01_sft" / "model.safetensors").exists()
-    assert (root / "02_dpo" / "model.safetensors").stat().st_mtime_ns != dpo_weights
-    assert [s["status"] for s in state(tmp_path)["stages"]] == ["done", "done"]
 
 
 def test_failing_stage_shows_its_log_tail_and_exits_non_zero(assets, tmp_path, monkeypatch, capfd):

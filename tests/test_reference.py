@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
+from helpers import tiny_lm
+
 from ogpsa.plugin.reference import ReferenceSet, reference_gradients
-
-
-class TinyLM(torch.nn.Module):
-    """Embedding -> linear head; `.loss` is the mean next-token NLL over labels != -100, as HF models."""
-
-    def __init__(self, vocab: int = 11, hidden: int = 6):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, hidden)
-        self.head = torch.nn.Linear(hidden, vocab)
-
-    def forward(self, input_ids, labels, attention_mask=None):
-        logits = self.head(self.emb(input_ids))
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return SimpleNamespace(loss=loss)
 
 
 def _sets(gen: torch.Generator) -> list[ReferenceSet]:
@@ -35,7 +21,7 @@ def collate(rows: list[dict]) -> dict:
     return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels")}
 
 
-def _expected(model: TinyLM, ref: ReferenceSet) -> tuple[list[torch.Tensor], int]:
+def _expected(model: torch.nn.Module, ref: ReferenceSet) -> tuple[list[torch.Tensor], int]:
     """Gradient of the summed answer-token NLL over the whole set, in one batch."""
     batch = collate(ref.features)
     n = int((batch["labels"][:, 1:] != -100).sum())
@@ -45,7 +31,7 @@ def _expected(model: TinyLM, ref: ReferenceSet) -> tuple[list[torch.Tensor], int
 
 def test_gradients_accumulate_into_the_given_rows():
     gen = torch.Generator().manual_seed(0)
-    model, sets = TinyLM(), _sets(gen)
+    model, sets = tiny_lm(), _sets(gen)
     params = list(model.parameters())
     handed: list[list[torch.Tensor]] = []
 
@@ -68,7 +54,7 @@ def test_a_gradient_that_autograd_moved_elsewhere_still_lands_in_the_row():
     # A post-accumulate hook that swaps .grad for a copy: autograd then accumulates the later
     # micro-batches into that copy, not into the row. The row must still end up with the whole sum.
     gen = torch.Generator().manual_seed(1)
-    model, sets = TinyLM(), _sets(gen)
+    model, sets = tiny_lm(), _sets(gen)
     model.emb.weight.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
     params = list(model.parameters())
     got = {g.name: g.rows for g in reference_gradients(

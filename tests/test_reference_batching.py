@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_config, ogpsa_keys, ogpsa_log, run_cli
-from test_reference import TinyLM
+from helpers import TORCHRUN, base_config, ogpsa_keys, ogpsa_log, run_cli, tiny_lm
 
 from ogpsa.plugin.reference import ReferenceSet, plan_batches, reference_gradients
 
@@ -86,7 +85,7 @@ def pad_collate(rows: list[dict]) -> dict:
 
 def test_batched_gradient_equals_the_sum_of_per_sample_gradients():
     gen = torch.Generator().manual_seed(3)
-    model, sets = TinyLM(), _ragged_sets(gen)
+    model, sets = tiny_lm(), _ragged_sets(gen)
     params = list(model.parameters())
     ref = sets[0]
     want = [torch.zeros_like(p) for p in params]
@@ -164,10 +163,7 @@ def expected_norms(tiny, data_dir: str, names: list[str]) -> dict[str, tuple[flo
     return out
 
 
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-
-
-@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.scaleout)])
+@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
 @pytest.mark.parametrize("workflow", ["sft", "dpo"])
 def test_rebuild_pads_little_and_keeps_the_gradient(tiny, tmp_path, spread_data, workflow, procs):
     """The step-0 rebuild's per-set gradient norms and token counts equal one-sample-at-a-time

@@ -2,24 +2,24 @@
 
 Each run trains one step through `llamafactory-cli train`; the subspace is built once, at step 0,
 on the untouched model, so its record (token count and gradient norm of every reference set) must
-be the same as in a run without the training-data setting under test.
+be the same as in a run without the training-data settings under test. A run holds several settings
+that can go together (any one of them reaching the reference sets changes the record).
 """
 
 import pytest
-from conftest import base_config, ogpsa_keys, ogpsa_log, run_cli
+from helpers import base_config, ogpsa_keys, ogpsa_log, run_cli
 
 # cutoff_len 32 cuts every toy reference sample, so a cutoff that is off by one shows in the counts
 CUTOFF = 32
+TWO = {"dataset": "toy_safety_sft,toy_dpo_chosen"}
 SETTINGS = {
-    "interleave_probs": {"dataset": "toy_safety_sft,toy_dpo_chosen", "mix_strategy": "interleave_under",
-                         "interleave_probs": "0.7,0.3"},
-    "mix_strategy": {"dataset": "toy_safety_sft,toy_dpo_chosen", "mix_strategy": "interleave_over"},
-    "max_samples": {"max_samples": 4},
-    "val_size": {"val_size": 0.25},
+    # mixing, sampling and splitting of the training data
+    "interleave_probs+max_samples+val_size": {**TWO, "mix_strategy": "interleave_under", "interleave_probs": "0.7,0.3",
+                                              "max_samples": 4, "val_size": 0.25},
     # stock LLaMA-Factory streams a local file as `num_shards=dataloader_num_workers` shards: 0 is empty
-    "streaming": {"streaming": True, "dataloader_num_workers": 1},
-    "packing": {"packing": True},
-    "neat_packing": {"neat_packing": True},
+    "mix_strategy+streaming": {**TWO, "mix_strategy": "interleave_over", "streaming": True, "dataloader_num_workers": 1},
+    # neat packing packs too (and shortens cutoff_len by one, as packing does)
+    "packing+neat_packing": {"packing": True, "neat_packing": True},
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_config, run_cli
+from helpers import base_config, run_cli
 
 from ogpsa.pipelines import evaluate, report
 from ogpsa.pipelines.refusal import RULES, ClassifierJudge, describe_rules, is_refusal

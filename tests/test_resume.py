@@ -5,13 +5,9 @@ import shutil
 
 import pytest
 
-from conftest import base_config, load_state, ogpsa_keys, ogpsa_log, run_cli
+from helpers import base_config, load_state, max_diff, ogpsa_keys, ogpsa_log, run_cli
 
 from ogpsa.pipelines.runner import summarize
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def _interrupt_after(out, step: int, last: int) -> None:
@@ -22,57 +18,70 @@ def _interrupt_after(out, step: int, last: int) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def test_resume_equals_uninterrupted_run(tiny, tmp_path):
-    # AdamW with the update target (coordinates in the state), rebuild every 2 steps, checkpoint at 3:
-    # the uninterrupted run projects steps 4 with the basis built at step 2; a fresh rebuild at 3 would not.
-    cfg = base_config(tiny, None, optim="adamw_torch", learning_rate=2e-3, max_steps=6, save_strategy="steps",
-                      save_steps=3, overwrite_output_dir=False, **ogpsa_keys(ogpsa_refresh_steps=2))
-    whole, resumed, fresh = tmp_path / "whole", tmp_path / "resumed", tmp_path / "fresh"
-    for out in (whole, resumed, fresh):
-        run_cli({**cfg, "output_dir": str(out)}, tmp_path / f"run_{out.name}")
+# AdamW with the update target (coordinates in the state), rebuild every 2 steps, checkpoint at 3: the
+# uninterrupted run projects step 4 with the basis built at step 2; a fresh rebuild at 3 would not.
+SIX_STEPS = {"optim": "adamw_torch", "learning_rate": 2e-3, "max_steps": 6, "save_strategy": "steps", "save_steps": 3,
+             "overwrite_output_dir": False, **ogpsa_keys(ogpsa_refresh_steps=2)}
+
+
+@pytest.fixture(scope="module")
+def whole(trained):
+    """The uninterrupted 6-step run (read only). Training is deterministic: a copy of its folder is what
+    an attempt of the same run leaves behind, so the tests interrupt copies instead of training again."""
+    return trained(**SIX_STEPS)
+
+
+def _attempt(whole, out, last: int = 6):
+    """A copy of the uninterrupted run, then what a kill after checkpoint-3 leaves of it."""
+    shutil.copytree(whole, out)
+    _interrupt_after(out, 3, last)
+    return out
+
+
+def test_resume_equals_uninterrupted_run(tiny, tmp_path, whole):
+    cfg = base_config(tiny, None, **SIX_STEPS)
     saved = sorted(p.name for p in (whole / "checkpoint-3" / "ogpsa").iterdir())
     assert saved == ["rank0-of-1.pt"]
 
-    _interrupt_after(resumed, 3, 6)
+    resumed = _attempt(whole, tmp_path / "resumed")
     proc = run_cli({**cfg, "output_dir": str(resumed), "resume_from_checkpoint": str(resumed / "checkpoint-3")},
                    tmp_path / "run_resume")
     assert "resumed the subspace built at step 2" in proc.stderr + proc.stdout
-    gap = _max_diff(load_state(whole), load_state(resumed))
+    gap = max_diff(load_state(whole), load_state(resumed))
     print(f"resumed vs uninterrupted: {gap:.2e}")
     assert gap < 1e-6, f"resumed run differs from the uninterrupted one by {gap:.2e}"
     log_whole, log_resumed = ogpsa_log(whole), ogpsa_log(resumed)
     assert [r["step"] for r in log_resumed if r.get("event") == "rebuild"] == [0, 2, 4]
     assert [r["step"] for r in log_resumed if "removed_fraction" in r] == [1, 2, 3, 4, 5, 6]
+    assert len(log_whole) == len(log_resumed)
     for a, b in zip(log_whole, log_resumed):
         assert a.keys() == b.keys() and a.get("removed_fraction") == b.get("removed_fraction")
     assert summarize(str(resumed))["ogpsa"]["rebuilds"] == summarize(str(whole))["ogpsa"]["rebuilds"] == 3
 
     # the counterfactual: without the saved state the resume rebuilds at step 3 and drifts
-    _interrupt_after(fresh, 3, 6)
+    fresh = _attempt(whole, tmp_path / "fresh")
     shutil.rmtree(fresh / "checkpoint-3" / "ogpsa")
     proc = run_cli({**cfg, "output_dir": str(fresh), "resume_from_checkpoint": str(fresh / "checkpoint-3")},
                    tmp_path / "run_fresh")
     assert "resuming at step 3 with a fresh subspace" in proc.stderr + proc.stdout
-    drift = _max_diff(load_state(whole), load_state(fresh))
+    drift = max_diff(load_state(whole), load_state(fresh))
     print(f"resumed with a fresh rebuild at the resume step: {drift:.2e}")
     assert drift > 100 * max(gap, 1e-8)
     assert [r["step"] for r in ogpsa_log(fresh) if r.get("event") == "rebuild"] == [0, 2, 3, 4]
 
 
-def test_a_basis_saved_under_other_settings_is_not_reused(tiny, tmp_path):
+def test_a_basis_saved_under_other_settings_is_not_reused(tiny, tmp_path, whole):
     """Changing the reference sets between the attempts: the saved basis is refused, rebuilt at the resume step."""
-    cfg = base_config(tiny, tmp_path / "out", max_steps=4, save_strategy="steps", save_steps=2,
-                      overwrite_output_dir=False, **ogpsa_keys(ogpsa_refresh_steps=10))
-    run_cli(cfg, tmp_path / "run1")
-    _interrupt_after(tmp_path / "out", 2, 4)
-    cfg = {**cfg, "ogpsa_reference": "toy_math_ref,toy_general_ref", "resume_from_checkpoint": str(tmp_path / "out" / "checkpoint-2")}
+    out = _attempt(whole, tmp_path / "out")
+    cfg = {**base_config(tiny, out, **SIX_STEPS), "ogpsa_reference": "toy_math_ref,toy_general_ref",
+           "resume_from_checkpoint": str(out / "checkpoint-3")}
     proc = run_cli(cfg, tmp_path / "run2")
     assert "was saved with reference=" in proc.stderr + proc.stdout
-    rebuilds = [r for r in ogpsa_log(tmp_path / "out") if r.get("event") == "rebuild"]
-    assert [(r["step"], r["rank"]) for r in rebuilds] == [(0, 3), (2, 2)]
+    rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
+    assert [(r["step"], r["rank"]) for r in rebuilds] == [(0, 3), (2, 3), (3, 2), (4, 2)]
 
 
-@pytest.mark.scaleout  # three one-process runs
+@pytest.mark.long  # three one-process runs
 def test_checkpoints_without_the_basis_resume_with_a_rebuild(tiny, tmp_path):
     """ogpsa_save_basis: false: no basis in the checkpoint (the default's is 4 bytes per trainable
     parameter and reference set in float32), and a resume rebuilds at its step and trains on."""

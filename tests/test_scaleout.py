@@ -5,37 +5,29 @@ Every run sees the same global batch: 8 samples, 2 per process and micro-batch, 
 steps, gradient clipping active (max_grad_norm 1.0 against raw norms of about 1.5), plain SGD (an
 equivalence check: Adam would amplify float32 reduction-order noise in near-zero coordinates).
 The engine and DDP differ only in float32 reduction order, so the OGPSA weights must agree to
-within 10x the plain runs' own engine-vs-DDP gap. Slow (about 20 s a run): `pytest -m scaleout`.
+within 10x the plain runs' own engine-vs-DDP gap. Slow (about 20 s a run): `pytest -m multiprocess`.
 """
 
 import json
 
 import pytest
 import torch
-from conftest import base_config, load_state, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import (
+    REFS,
+    TORCHRUN,
+    base_config,
+    deepspeed_config,
+    load_state,
+    log_history,
+    ogpsa_keys,
+    ogpsa_log,
+    reference_losses,
+    run_cli,
+)
 
-pytestmark = pytest.mark.scaleout
+pytestmark = pytest.mark.multiprocess
 
-TORCHRUN = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 DATA = {"sft": "toy_safety_sft", "dpo": "toy_safety_dpo"}
-
-
-def deepspeed_config(stage: int) -> dict:
-    """The minimal config that runs on CPU (`overlap_comm` off), as recipes/ds_z3_config.json."""
-    zero = {"stage": stage, "overlap_comm": False}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
-        "zero_optimization": zero,
-    }
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REFS, base_config, ogpsa_log, reference_losses, run_cli
 
 from ogpsa.plugin.projection import BasisBuilder, SubspaceBasis, build_basis, project_
 
@@ -85,7 +86,6 @@ def test_fresh_survives_the_state_dict():
 
 
 # ---- the default schedule on the tiny model (stock llamafactory-cli, AdamW) ---------------------------------
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 SAFETY = "toy_safety_sft"
 LORA = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 8, "learning_rate": 2e-3}
 FULL = {"learning_rate": 1e-4}
@@ -93,8 +93,6 @@ STEPS = 24
 
 
 def _train(tiny, out, keys: dict, extra: dict, save_at: int | None = None):
-    from conftest import base_config, run_cli
-
     cfg = base_config(tiny, out / "model", max_steps=STEPS, optim="adamw_torch", **extra, **keys)
     if save_at:
         cfg.update(save_strategy="steps", save_steps=save_at, save_only_model=True)
@@ -104,8 +102,6 @@ def _train(tiny, out, keys: dict, extra: dict, save_at: int | None = None):
 
 def _moves(tiny, model: Path, lora: bool, start: dict) -> tuple[float, float]:
     """(largest reference-loss move, safety-loss change) of a trained model or adapter."""
-    from conftest import reference_losses
-
     after = reference_losses(tiny["model"], tiny, REFS + [SAFETY], adapter=str(model)) if lora else \
         reference_losses(str(model), tiny, REFS + [SAFETY])
     return max(abs(after[n] - start[n]) for n in REFS), after[SAFETY] - start[SAFETY]
@@ -115,14 +111,13 @@ DEFAULTS = {"stage": "ogpsa_sft", "ogpsa_reference": ",".join(REFS), "ogpsa_refe
 
 
 @pytest.mark.parametrize("setting", ["lora", "full"])
-def test_the_defaults_keep_the_reference_losses_ten_times_steadier_at_bounded_cost(tiny, tmp_path, setting):
+def test_the_defaults_keep_the_reference_losses_ten_times_steadier_at_bounded_cost(tiny, tmp_path, start_losses,
+                                                                                   setting):
     """With nothing but the stage changed: 10x steadier reference losses than plain over 24 steps (and
     after 6 for LoRA), at least half of plain's safety-loss drop, at most 6 full rebuilds' reference tokens."""
-    from conftest import ogpsa_log, reference_losses
-
     lora = setting == "lora"
     extra = LORA if lora else FULL
-    start = reference_losses(tiny["model"], tiny, REFS + [SAFETY])
+    start = start_losses
     plain = _train(tiny, tmp_path / "plain", {}, extra, save_at=6 if lora else None)
     ours = _train(tiny, tmp_path / "ogpsa", DEFAULTS, extra, save_at=6 if lora else None)
     checks = [(STEPS, plain, ours)]

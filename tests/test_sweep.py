@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ENV
+from helpers import BIN, ENV
 
 from ogpsa.pipelines import sweep
 
@@ -126,7 +126,7 @@ def test_identical_stages_trained_once_and_the_sweep_resumes(fake_training, tmp_
     assert trained == ["dpo.pref_beta-0.1/01_sft", "dpo.pref_beta-0.1/02_dpo", "dpo.pref_beta-0.2/02_dpo"]
 
 
-@pytest.mark.scaleout  # three real tiny pipelines, five trained stages and nine evaluations (about 2 minutes on 2 cores)
+@pytest.mark.long  # three real tiny pipelines, five trained stages and nine evaluations (about 2 minutes on 2 cores)
 def test_real_sweep_with_averaging_curve_and_frontier(assets, tmp_path):
     out = tmp_path / "s"
     proc = subprocess.run([str(BIN / "ogpsa"), "sweep", RECIPE, "--out", str(out), "--grid", "dpo.ogpsa_refresh_steps=1,2",

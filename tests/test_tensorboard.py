@@ -3,9 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import base_config, log_history, ogpsa_keys, ogpsa_log, run_cli
-
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
+from helpers import REFS, base_config, log_history, ogpsa_keys, ogpsa_log, run_cli
 
 
 def read_scalars(out: Path) -> dict[str, dict[int, float]]:

@@ -5,7 +5,7 @@ tiny offline model and toy data of conftest; Selenium drives the page as a user 
 dropdowns, the extra-arguments box, Start) and the assertions read what the launched
 `llamafactory-cli train` wrote. Skipped when selenium, chromium or chromedriver is missing
 (CI installs them best-effort in `.ci/run`). The default suite gets the page checks and one
-training run (under a minute with the server's start); the failing run is in `-m scaleout`.
+training run (under a minute with the server's start); the failing run is in `-m long`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ENV, log_history, ogpsa_log
+from helpers import BIN, ENV, REFS, log_history, ogpsa_log
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.common.exceptions import (
@@ -32,7 +32,6 @@ from selenium.common.exceptions import (
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-REFS = ["toy_math_ref", "toy_general_ref", "toy_hhh_ref"]
 OGPSA_SFT, OGPSA_DPO = "OGPSA Supervised Fine-Tuning", "OGPSA DPO"  # labels in the Stage dropdown
 # A tiny run: 4 steps of 4 samples, rebuild every 2. Stock LlamaBoard's own defaults (16 dataset
 # workers, batch 2 x 8 accumulation, logging every 5 steps) would make it slow on a CPU.
@@ -315,7 +314,7 @@ def _run_on_page(page, work: Path) -> Path:
     return out
 
 
-@pytest.mark.scaleout  # a second launched run (~16 s): kept out of the default suite's 15-minute budget
+@pytest.mark.long  # a second launched run (~16 s): kept out of the default suite's 15-minute budget
 def test_error_found_by_the_run_fails_it_on_the_page(board, page, tiny, tmp_path):
     """What only the launched run can find (an empty reference set) ends it with exit code 2 and its
     one-line error, no traceback, on the page."""
