@@ -78,7 +78,10 @@ def test_a_basis_saved_under_other_settings_is_not_reused(tiny, tmp_path, whole)
     proc = run_cli(cfg, tmp_path / "run2")
     assert "was saved with reference=" in proc.stderr + proc.stdout
     rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
-    assert [(r["step"], r["rank"]) for r in rebuilds] == [(0, 3), (2, 3), (3, 2), (4, 2)]
+    # step 2 keeps step 0's directions (rank 3 + 3); the resume starts afresh with 2 sets, and step 4
+    # keeps the resume's 2 directions beside its own 2
+    assert [(r["step"], r["rank"], r["reason"]) for r in rebuilds] == [
+        (0, 3, "start"), (2, 6, "scheduled"), (3, 2, "resume"), (4, 4, "scheduled")]
 
 
 @pytest.mark.long  # three one-process runs
