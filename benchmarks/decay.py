@@ -25,12 +25,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import yaml
-
-from strength_knobs import ENV, REFS, SAFETY, config, losses
+from strength_knobs import ENV, REFS, SAFETY, config, losses, train
 
 SETTINGS = {
     "full fine-tuning, lr 1e-4": {"learning_rate": 1e-4},
@@ -76,7 +73,6 @@ def main(argv=None) -> int:
         results[setting] = {}
         for r, (label, keys) in enumerate(SCHEDULES.items()):
             run_dir = out / f"s{s}r{r}"
-            run_dir.mkdir(parents=True, exist_ok=True)
             cfg = config(assets, run_dir / "model", {} if keys is None else {"ogpsa_reference_samples": 16, **keys},
                          max(at), 16)
             if keys is None:
@@ -86,16 +82,9 @@ def main(argv=None) -> int:
                         "save_total_limit": None})
             if keys is not None:
                 cfg["ogpsa_save_basis"] = False
-            cfg = {k: v for k, v in cfg.items() if v is not None}
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            t0 = time.time()
-            cli = str(Path(sys.executable).parent / "llamafactory-cli")
-            proc = subprocess.run([cli, "train", "config.yaml"], cwd=run_dir, env={**os.environ, **ENV},
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
+            seconds = train(run_dir, {k: v for k, v in cfg.items() if v is not None})
+            if seconds is None:
                 return 1
-            seconds = time.time() - t0
             moves, safety = {}, {}
             for step in at:
                 ckpt = run_dir / "model" / f"checkpoint-{step}"

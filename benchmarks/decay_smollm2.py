@@ -21,13 +21,10 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import yaml
-
 from decay import reference_cost
-from strength_knobs import ENV, losses
+from strength_knobs import ENV, losses, train
 
 REFS = ["gsm8k_ref", "alpaca_ref", "hhh_ref"]
 HELD_OUT = ["gsm8k_eval", "alpaca_eval"]
@@ -94,16 +91,9 @@ def main(argv=None) -> int:
     results = {}
     for r, (label, keys) in enumerate(SCHEDULES.items()):
         run_dir = out / f"r{r}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config(model, data, run_dir / "model", keys, max(at), at),
-                                                            sort_keys=False))
-        t0 = time.time()
-        proc = subprocess.run([str(Path(sys.executable).parent / "llamafactory-cli"), "train", "config.yaml"],
-                              cwd=run_dir, env={**os.environ, **ENV}, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        seconds = train(run_dir, config(model, data, run_dir / "model", keys, max(at), at))
+        if seconds is None:
             return 1
-        seconds = time.time() - t0
         entry = {"keys": keys, "seconds": seconds, "steps": {}}
         for step in at:
             ckpt = run_dir / "model" / f"checkpoint-{step}"

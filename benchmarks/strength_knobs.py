@@ -103,6 +103,20 @@ def losses(model_dir: str, assets: dict, names: list[str], adapter: str | None =
     return out
 
 
+def train(run_dir: Path, cfg: dict) -> float | None:
+    """Write `cfg` as run_dir/config.yaml and run stock `llamafactory-cli train` on it; the seconds it
+    took, or None (with the end of its stderr printed) when it failed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.time()
+    proc = subprocess.run([str(Path(sys.executable).parent / "llamafactory-cli"), "train", "config.yaml"],
+                          cwd=run_dir, env={**os.environ, **ENV}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    return time.time() - t0
+
+
 def rebuild_summary(out: Path) -> str:
     log = out / "ogpsa_log.jsonl"
     if not log.exists():
@@ -129,19 +143,12 @@ def main(argv=None) -> int:
     results = {}
     for i, (label, keys) in enumerate(RUNS.items()):
         run_dir = out / f"run{i}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config(assets, run_dir / "model", keys, opts.steps,
-                                                                   opts.samples), sort_keys=False))
-        t0 = time.time()
-        cli = str(Path(sys.executable).parent / "llamafactory-cli")
-        proc = subprocess.run([cli, "train", "config.yaml"], cwd=run_dir, env={**os.environ, **ENV},
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        seconds = train(run_dir, config(assets, run_dir / "model", keys, opts.steps, opts.samples))
+        if seconds is None:
             return 1
         after = losses(str(run_dir / "model"), assets, names)
         change = {n: after[n] - start[n] for n in names}
-        results[label] = {"keys": keys, "seconds": time.time() - t0, "change": change,
+        results[label] = {"keys": keys, "seconds": seconds, "change": change,
                           "ref_move": max(abs(change[n]) for n in REFS),
                           "held_out_move": max(abs(change[n]) for n in HELD_OUT),
                           "safety_change": change[SAFETY], "rebuild": rebuild_summary(run_dir / "model")}
