@@ -160,6 +160,22 @@ def ogpsa_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "ogpsa_log.jsonl").read_text().splitlines()]
 
 
+def assert_projection_logged(out: Path, steps: int) -> list[dict]:
+    """Every one of `steps` logged steps carries the projection's metrics (the projected gradient
+    orthogonal to every reference gradient), every rebuild its time and set norms; the rebuild records."""
+    history = [h for h in log_history(out) if "loss" in h]
+    assert len(history) == steps
+    for h in history:
+        assert 0.0 < h["ogpsa/removed_fraction"] < 1.0
+        for name in REFS:
+            assert abs(h[f"ogpsa/cos_after/{name}"]) < 1e-4
+            assert -1.0 <= h[f"ogpsa/cos/{name}"] <= 1.0
+    rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
+    for r in rebuilds:
+        assert r["seconds"] > 0 and all(r[f"grad_norm/{n}"] > 0 for n in REFS)
+    return rebuilds
+
+
 def load_state(out: Path) -> dict:
     from safetensors.torch import load_file
 

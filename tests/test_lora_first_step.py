@@ -1,7 +1,7 @@
 """LoRA is projected from its first step: the A matrices get no reference gradient while B = 0."""
 
 import pytest
-from helpers import REFS, log_history, ogpsa_keys, ogpsa_log, reference_losses
+from helpers import REFS, assert_projection_logged, ogpsa_keys, ogpsa_log, reference_losses
 
 from ogpsa.plugin.gradient_span import followup_after
 
@@ -44,16 +44,7 @@ def test_lora_logs_its_metrics_and_keeps_the_basis_on_the_adapter(runs):
     from safetensors.torch import load_file
 
     out = runs["ogpsa"]
-    history = [h for h in log_history(out) if "loss" in h]
-    assert len(history) == 6
-    for h in history:
-        assert 0.0 < h["ogpsa/removed_fraction"] < 1.0
-        for name in REFS:
-            assert abs(h[f"ogpsa/cos_after/{name}"]) < 1e-4
-            assert -1.0 <= h[f"ogpsa/cos/{name}"] <= 1.0
-    rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
-    for r in rebuilds:
-        assert r["seconds"] > 0 and all(r[f"grad_norm/{n}"] > 0 for n in REFS)
+    rebuilds = assert_projection_logged(out, 6)
     adapter = load_file(str(out / "adapter_model.safetensors"))
     trainable = sum(t.numel() for t in adapter.values())
     assert rebuilds[0]["param_numel"] == trainable
