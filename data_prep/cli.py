@@ -43,11 +43,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="offline demo data for a real instruct model (self-distilled answers)")
-    p.add_argument("--model", required=True, help="the instruct model whose own answers fill the benign rows")
+    p = subparsers.add_parser("demo", help="offline demo data for a real instruct model (no training row is the model's own answer)")
+    p.add_argument("--model", required=True, help="the instruct model: its own answers are the DPO rejected side and the general/HHH probes")
     p.add_argument("--out", required=True, help="output folder (dataset_info.json and demo_*.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=64, help="harmful and benign training prompts, each")
+    p.add_argument("--n-train", type=int, default=64, help="harmful requests and benign rows (string tasks, look-alike requests) in the safety SFT, each")
     p.add_argument("--n-eval", type=int, default=32, help="held-out prompts per evaluation set")
     p.add_argument("--n-ref", type=int, default=16, help="samples per reference set")
     p.set_defaults(func=_run_demo)

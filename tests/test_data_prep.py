@@ -619,11 +619,11 @@ def test_atomic_writes_give_the_usual_file_mode_and_leave_nothing_on_failure(tmp
 
 
 def test_demo_rows_are_disjoint_and_complete():
-    """`ogpsa data demo`'s sets (answers stubbed: the self-distilled ones need the model): every
-    prompt belongs to one set only, so no probe was trained on or used as a reference."""
+    """`ogpsa data demo`'s sets (the model's answers stubbed): every prompt belongs to one set only,
+    so no probe was trained on or used as a reference."""
     from ogpsa.data_prep import demo
 
-    rows = demo.build_rows(lambda prompts: [f"answer {i}" for i in range(len(prompts))])
+    rows = demo.build_rows(lambda prompts: [(f"answer {i}", True) for i in range(len(prompts))])
     sizes = {name: len(r) for name, r in rows.items()}
     assert sizes["demo_safety_sft"] == 128 and sizes["demo_math_train"] == 64 and sizes["demo_safety_ref"] == 16
     seen: dict[str, str] = {}
@@ -634,4 +634,54 @@ def test_demo_rows_are_disjoint_and_complete():
             assert seen.setdefault(row["instruction"], name) == name, (row["instruction"], name, seen[row["instruction"]])
     sft_refusals = {r["instruction"]: r["output"] for r in rows["demo_safety_sft"] if r["output"] in demo.REFUSALS}
     assert all(sft_refusals.get(r["instruction"]) == r["output"] for r in rows["demo_safety_ref"])
-    assert all(r["output"].rsplit("#### ", 1)[1].strip().lstrip("-").isdigit() for r in rows["demo_math_train"])
+    for r in rows["demo_math_train"] + rows["demo_math_eval"]:
+        head, answer = r["output"].rsplit(" So the answer is ", 1)
+        assert answer.rstrip(".").isdigit() and head.rsplit(">>", 1)[1].startswith(answer.rstrip("."))
+
+
+def test_demo_trains_no_answer_of_the_model_and_probes_only_finished_ones():
+    """The demo shows an alignment tax only if no training row is distilled from the model: its own text
+    is only the DPO rejected side and the general/HHH probes (and references), and of those only the
+    answers it finished; the benign SFT half is string tasks with exact answers and look-alike requests
+    answered helpfully, whose activities never appear among the over-refusal probes."""
+    from ogpsa.data_prep import demo
+
+    asked = []
+
+    def own(prompts):
+        asked.extend(prompts)
+        return [(f"model says {len(asked) - len(prompts) + i}", i % 4 != 3) for i in range(len(prompts))]
+
+    rows = demo.build_rows(own)
+    dpo = rows["demo_safety_dpo"]
+    assert [r["rejected"] for r in dpo] == [f"model says {i}" for i in range(64)]  # cut answers are still rejected
+    assert asked[:64] == [r["instruction"] for r in dpo] and all(r["chosen"] in demo.REFUSALS for r in dpo)
+    said = dict(zip(asked, range(len(asked))))
+    for name in ("general", "hhh"):
+        for split in ("ref", "eval"):
+            probe = rows[f"demo_{name}_{split}"]
+            assert probe and all(r["output"] == f"model says {said[r['instruction']]}" for r in probe)
+            assert all(said[r["instruction"]] % 4 != 3 or said[r["instruction"]] < 64 for r in probe)
+    trained = [r["output"] for r in rows["demo_safety_sft"] + rows["demo_math_train"]]
+    assert not any("model says" in o for o in trained)
+    benign = [r for r in rows["demo_safety_sft"] if r["output"] not in demo.REFUSALS]
+    string_tasks = [r for r in benign if not r["output"].startswith("Sure, this is a safe")]
+    assert len(benign) == 64 and len(string_tasks) == 32
+    for r in string_tasks:
+        word = r["instruction"].split("'")[1] if "'" in r["instruction"] else None
+        if "backwards" in r["instruction"]:
+            assert r["output"] == word[::-1]
+        elif r["instruction"].startswith("Sort"):
+            words = r["instruction"].split(": ", 1)[1].rstrip(".").split(", ")
+            assert r["output"] == ", ".join(sorted(words))
+    for r in benign:
+        if r not in string_tasks:
+            assert any(a in r["instruction"] and a in r["output"] for a in demo.SAFE_LOOKALIKES_TRAIN)
+    probes = rows["demo_benign_eval"]
+    assert len(probes) == 32 and all(any(a in r["instruction"] for a in demo.SAFE_LOOKALIKES) for r in probes)
+    assert not set(demo.SAFE_LOOKALIKES) & set(demo.SAFE_LOOKALIKES_TRAIN)
+    # same seed, same rows; another seed, other rows
+    asked.clear()
+    again = demo.build_rows(own)
+    asked.clear()
+    assert again == rows and demo.build_rows(own, seed=1) != rows
