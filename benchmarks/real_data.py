@@ -2,7 +2,10 @@
 """The comparison on real data: SmolLM2-135M-Instruct, safety SFT -> DPO, every method against plain and
 weight averaging, through `ogpsa sweep`.
 
-    python benchmarks/real_data.py --data ../shared/data --out runs/real_data     # ~45 min on 2 cores
+    python benchmarks/real_data.py --data ../shared/data --out runs/real_data
+
+On 2 CPU cores the `defaults` and `energy` groups took about an hour with their evaluations (docs/results.md);
+the `span4` group adds 12 rebuilds of about 2.5 min each.
 
 Data (all from the folder of ../shared/data/README.md, nothing downloaded):
 - reference sets: 16 rows each of real GSM8K (train), Alpaca and BIG-bench HHH, and held-out GSM8K
@@ -44,7 +47,8 @@ GROUPS = {
 RECIPE = """\
 # Written by benchmarks/real_data.py: the real-data comparison's recipe (run by `ogpsa sweep`).
 #   python benchmarks/real_data.py --data ../shared/data --out {out}
-# Memory: ~3 GB RAM per run (135M params in fp32, AdamW states, the DPO reference copy, the basis).
+# Memory: a DPO stage of SmolLM2 reached 9.5 GB RSS (policy, reference copy, logits); the gradient span's basis
+# adds 0.54 GB per row (135M params in fp32): 3.2 GB at the defaults, 6.5 GB for span4. One run at a time on 24 GB.
 
 ### model
 model_name_or_path: {model}

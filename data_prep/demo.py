@@ -14,7 +14,7 @@ Everything is written here, with no download, so the README's first command runs
 - for task fine-tuning that must keep safety: a math task (`demo_math_train`, disjoint from the
   math probes) and a safety reference set (`demo_safety_ref`: harmful requests -> refusals).
 
-Why the data look like this (docs/results.md, "The quickstart's demo data"): the capability probes
+Why the data look like this (docs/results.md, "The demo data and the tax it shows"): the capability probes
 must show the alignment tax. No training row is the model's own answer, so training cannot lower a
 probe's NLL by teaching the model to repeat itself (the earlier demo's benign half did, and showed
 no tax). Math probes are worked arithmetic written here, ending in a sentence the model would end
@@ -170,10 +170,15 @@ def math_row(rng: random.Random) -> dict:
     return {"instruction": q, "input": "", "output": ans}
 
 
-def _prompts(asks, subjects, rng: random.Random) -> list[str]:
-    out = [ask.format(s) for s in subjects for ask in asks]
+def _asked(asks, subjects, rng: random.Random) -> list[tuple[str, str]]:
+    """(subject, prompt) for every ask of every subject, shuffled."""
+    out = [(s, ask.format(s)) for s in subjects for ask in asks]
     rng.shuffle(out)
     return out
+
+
+def _prompts(asks, subjects, rng: random.Random) -> list[str]:
+    return [q for _, q in _asked(asks, subjects, rng)]
 
 
 def _string_tasks(rng: random.Random, n: int) -> list[dict]:
@@ -189,17 +194,9 @@ def _string_tasks(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
-def _activity(prompt: str) -> str:
-    """The activity of a prompt made by `_prompts(HARM_ASKS, ...)`."""
-    for ask in HARM_ASKS:
-        head, tail = ask.split("{}")
-        if prompt.startswith(head) and prompt.endswith(tail):
-            return prompt[len(head) : len(prompt) - len(tail)]
-    raise ValueError(f"not a HARM_ASKS prompt: {prompt!r}")
-
-
 def draw_prompts(seed: int = 0, n_train: int = 64, n_eval: int = 32, n_ref: int = 16) -> dict[str, list]:
-    """Prompts per dataset (general ones as (topic, ask) pairs); every prompt in one set only."""
+    """Prompts per dataset (general ones as (topic, ask) pairs, look-alike training ones as (activity,
+    prompt)); every prompt in one set only."""
     rng = random.Random(seed)
     harmful_train = _prompts(HARM_ASKS, HARM_TRAIN, rng)[:n_train]
     harmful_eval = _prompts(HARM_ASKS, HARM_EVAL, rng)[:n_eval]
@@ -218,7 +215,7 @@ def draw_prompts(seed: int = 0, n_train: int = 64, n_eval: int = 32, n_ref: int 
         "harmful_eval": harmful_eval,
         "general_ref": general_ref,
         "general_eval": general_eval,
-        "lookalike_train": _prompts(HARM_ASKS, SAFE_LOOKALIKES_TRAIN, rng),
+        "lookalike_train": _asked(HARM_ASKS, SAFE_LOOKALIKES_TRAIN, rng),  # (activity, prompt)
         "benign_eval": _prompts(HARM_ASKS, SAFE_LOOKALIKES, rng)[:n_eval],
         "hhh_ref": hhh[: len(hhh) // 2][:n_ref],
         "hhh_eval": hhh[len(hhh) // 2 :][:n_eval],
@@ -236,8 +233,9 @@ def _math(rng: random.Random, n: int, taken: set[str]) -> list[dict]:
 
 
 def build_rows(answer, seed: int = 0, **sizes) -> dict[str, list[dict]]:
-    """All demo datasets. `answer(prompts) -> answers` gives the model's own answers to the harmful
-    training requests: the DPO pairs' rejected side (what safety training must move away from)."""
+    """All demo datasets. `answer(prompts) -> [(text, finished), ...]` gives the model's own answers (see
+    `greedy_answers`): to the harmful training requests, the DPO pairs' rejected side; to the general and
+    HHH-style requests, the probes and references (finished answers only)."""
     rng = random.Random(seed + 1)
     p = draw_prompts(seed, **sizes)
     n_ref = sizes.get("n_ref", 16)
@@ -256,8 +254,8 @@ def build_rows(answer, seed: int = 0, **sizes) -> dict[str, list[dict]]:
         return [{"instruction": q, "input": "", "output": said[q][0]} for q in prompts if said[q][1]]
 
     half = n_train // 2
-    lookalikes = [{"instruction": q, "input": "", "output": LOOKALIKE_ANSWER.format(_activity(q))}
-                  for q in p["lookalike_train"][: n_train - half]]
+    lookalikes = [{"instruction": q, "input": "", "output": LOOKALIKE_ANSWER.format(activity)}
+                  for activity, q in p["lookalike_train"][: n_train - half]]
     sft = refusal + _string_tasks(rng, half) + lookalikes
     rng.shuffle(sft)
     taken: set[str] = set()
