@@ -72,7 +72,7 @@ def losses(model_dir: str, assets: dict, names: list[str], adapter: str | None =
     from llamafactory.model import load_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from ogpsa.plugin.reference import tokenize_reference_sets
+    from ogpsa.plugin.reference import answer_nll, tokenize_reference_sets
 
     probe = Path(model_dir) / "_probe"
     args = config(assets, probe, {}, 1, 1)
@@ -90,17 +90,7 @@ def losses(model_dir: str, assets: dict, names: list[str], adapter: str | None =
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, label_pad_token_id=-100,
                                                   tokenizer=tokenizer)
-    out = {}
-    with torch.no_grad():
-        for ref in sets:
-            total, count = 0.0, 0
-            for i in range(0, len(ref.features), 8):
-                batch = collator([dict(f) for f in ref.features[i : i + 8]])
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                total += float(model(**batch).loss) * n
-                count += n
-            out[ref.name] = total / count
-    return out
+    return {ref.name: answer_nll(model, ref, collator) for ref in sets}
 
 
 def train(run_dir: Path, cfg: dict) -> float | None:

@@ -373,3 +373,17 @@ def num_batches(refs: list[ReferenceSet], batch_size: int, even: bool = False) -
     rank, world = rank_and_world()
     return sum(_most_batches(r, batch_size, world) if even else _batches_per_rank(r, batch_size, rank, world)
                for r in refs)
+
+
+@torch.no_grad()
+def answer_nll(model: torch.nn.Module, ref: ReferenceSet, collator, batch_size: int = 8) -> float:
+    """Mean NLL per answer token of `ref` under `model` (one process, on the model's device): the
+    reference loss a constraint is meant to hold steady, for measuring how well a run held it."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(ref.features), batch_size):
+        batch = {k: v.to(device) for k, v in collator([dict(f) for f in ref.features[i : i + batch_size]]).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the causal LM's shifted loss averages
+        total += float(model(**batch).loss) * n
+        count += n
+    return total / count

@@ -223,18 +223,10 @@ def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], ada
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    from ogpsa.plugin.reference import answer_nll
+
     collator = make_collator(model)
-    out = {}
-    with torch.no_grad():
-        for ref in sets:
-            total, count = 0.0, 0
-            for i in range(0, len(ref.features), 8):
-                batch = collator([dict(f) for f in ref.features[i : i + 8]])
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                total += float(model(**batch).loss) * n
-                count += n
-            out[ref.name] = total / count
-    return out
+    return {ref.name: answer_nll(model, ref, collator) for ref in sets}
 
 
 def reference_inputs(tiny: dict, layers: list[str], names: list[str] = REFS, samples: int = SAMPLES):
