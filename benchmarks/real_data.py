@@ -5,7 +5,8 @@ weight averaging, through `ogpsa sweep`.
     python benchmarks/real_data.py --data ../shared/data --out runs/real_data
 
 On 2 CPU cores the `defaults` and `energy` groups took about an hour with their evaluations (docs/results.md);
-the `span4` group adds 12 rebuilds of about 2.5 min each.
+the `span4` group adds 12 rebuilds of about 2.5 min each; `refresh2` took 16 min alone with both cores
+(12 rebuilds of about 1 min) plus its evaluations.
 
 Data (all from the folder of ../shared/data/README.md, nothing downloaded):
 - reference sets: 16 rows each of real GSM8K (train), Alpaca and BIG-bench HHH, and held-out GSM8K
@@ -42,6 +43,7 @@ GROUPS = {
     # (6.5 GB for SmolLM2 in fp32; keeping the previous ones too would double it and ran out of memory here)
     "span4": ["ogpsa_directions_per_set=4", "ogpsa_refresh_steps=2", "ogpsa_keep_previous=false"],
     "energy": ["ogpsa_method=null_space", "ogpsa_null_energy=0.9"],      # GPM's energy threshold instead of alpha
+    "refresh2": ["ogpsa_refresh_steps=2"],  # the gradient span's best schedule on the quickstart's sweep
 }
 
 RECIPE = """\
