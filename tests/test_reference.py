@@ -65,3 +65,23 @@ def test_a_gradient_that_autograd_moved_elsewhere_still_lands_in_the_row():
         want, _ = _expected(model, ref)
         for g, w in zip(grads, want):
             assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_answer_nll_weights_every_answer_token_alike_whatever_the_batching():
+    # rows of one length whose answers differ in length (4 and 2 tokens): averaging per-batch means would
+    # weight a 2-token answer's tokens twice; the token-weighted mean must equal the one-batch loss
+    from ogpsa.plugin.reference import answer_nll
+
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for n_prompt, n_answer in [(3, 4), (5, 2), (3, 4), (5, 2), (5, 2)]:
+        ids = torch.randint(0, 11, (n_prompt + n_answer,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    ref = ReferenceSet("mixed", rows)
+    model = tiny_lm().eval()
+    with torch.no_grad():
+        whole = float(model(**collate(rows)).loss)
+    per_batch_mean = sum(float(model(**collate([r])).loss) for r in rows) / len(rows)
+    assert abs(per_batch_mean - whole) > 1e-3  # the rows are unequal enough for the weighting to matter
+    for batch_size in (1, 2, 8):
+        assert abs(answer_nll(model, ref, collate, batch_size) - whole) < 1e-5
