@@ -217,14 +217,14 @@ def reference_losses(model_dir: str, tiny: dict[str, str], names: list[str], ada
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ogpsa.plugin.reference import answer_nll
+
     sets, make_collator = tokenized_references(model_dir, tiny, names, samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    from ogpsa.plugin.reference import answer_nll
-
     collator = make_collator(model)
     return {ref.name: answer_nll(model, ref, collator) for ref in sets}
 
