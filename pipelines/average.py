@@ -17,7 +17,6 @@ training identity (the runner's hash), the starting model, the weight and the ev
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..plugin.files import atomic_dir, write_json_atomic
@@ -27,6 +26,7 @@ from .identity import eval_identity
 
 AVERAGES = "averages"
 MARKER = "average.json"
+LOG = "average.log"  # the loaders' and evaluations' output, quiet mode
 
 
 def parse_weights(text: str) -> list[float]:
@@ -101,24 +101,52 @@ def plan_average(run_dir: Path, spec: dict, from_eval: dict, stage: str | None =
     return {"dir": Path(run_dir), "start": str(start), "end": str(end), "record": record, "settings": block["settings"]}
 
 
-def average_curve(plan: dict, weights: list[float]) -> list[tuple[str, dict]]:
+def average_curve(plan: dict, weights: list[float], verbose: bool = False) -> list[tuple[str, dict]]:
     """[(label "<w>×<stage>", evaluate_model result)] for each weight of a `plan_average` plan; builds
-    and evaluates only what the cache lacks."""
+    and evaluates only what the cache lacks. Quiet (the default): the loaders' and the evaluation's
+    output goes to `<run>/averages/average.log` under one progress bar per model."""
+    return [(f"{w:g}×{plan['record']['name']}", averaged_eval(plan, w, verbose)) for w in weights]
+
+
+def averaged_eval(plan: dict, w: float, verbose: bool = False) -> dict:
+    """The evaluation of (1 - w) start + w stage, from the cache or built and evaluated now."""
+    from .console import Console
     from .scoring import evaluate_model
 
     record, settings = plan["record"], plan["settings"]
-    curve = []
-    for w in weights:
-        identity = {"start": plan["start"], "end": plan["end"], "end_hash": record.get("hash"), "weight": w}
-        folder = plan["dir"] / AVERAGES / f"{record['name']}_w{w:g}"
-        if _read(folder / MARKER) != identity or not (folder / "config.json").is_file():
-            print(f"[ogpsa report] averaging {w:g} x {plan['end']} + {1 - w:g} x {plan['start']} -> {folder}", file=sys.stderr)
+    identity = {"start": plan["start"], "end": plan["end"], "end_hash": record.get("hash"), "weight": w}
+    folder = plan["dir"] / AVERAGES / f"{record['name']}_w{w:g}"
+    console = Console(verbose, prefix="[ogpsa report]")
+    log = str(plan["dir"] / AVERAGES / LOG)
+    ev_id = eval_identity(settings, json.dumps(identity, sort_keys=True))
+    cached = _read(folder / "eval.json")
+    built = _read(folder / MARKER) == identity and (folder / "config.json").is_file()
+    if built and cached.get("eval_hash") == ev_id:
+        return cached["eval"]
+    (plan["dir"] / AVERAGES).mkdir(parents=True, exist_ok=True)
+    if not built:
+        console.say(f"averaging {w:g} x {plan['end']} + {1 - w:g} x {plan['start']} -> {folder}")
+        with console.captured(log, f"average {w:g}×{record['name']}"):
             average_model(plan["start"], plan["end"], w, folder, identity)
-        ev_id = eval_identity(settings, json.dumps(identity, sort_keys=True))
-        cached = _read(folder / "eval.json")
-        if cached.get("eval_hash") != ev_id:
-            print(f"[ogpsa report] evaluating {folder}", file=sys.stderr)
-            cached = {"eval": evaluate_model(folder, EvalConfig.from_dict(settings)), "eval_hash": ev_id}
-            write_json_atomic(folder / "eval.json", cached)
-        curve.append((f"{w:g}×{record['name']}", cached["eval"]))
-    return curve
+    console.say(f"evaluating {folder}")
+    with console.captured(log, f"eval {w:g}×{record['name']}"):
+        cached = {"eval": evaluate_model(folder, EvalConfig.from_dict(settings)), "eval_hash": ev_id}
+    write_json_atomic(folder / "eval.json", cached)
+    return cached["eval"]
+
+
+def calibrate(plan: dict, matched, run_eval: dict, verbose: bool = False, step: float = 0.1) -> tuple[float | None, dict | None]:
+    """The largest pull-back toward the start whose model is still at plain's refusal: w goes down from
+    1 - step in steps of `step` while `matched(evaluation)` holds and stops at the first that fails.
+    Returns (w, its evaluation): w = 1 (the run itself) when 1 - step already fails, (None, None) when
+    the run itself is not matched. Each tried weight is built and evaluated once (cached)."""
+    if not matched(run_eval):
+        return None, None
+    best, best_eval = 1.0, run_eval
+    for k in range(1, round(1 / step)):
+        w = round(1.0 - k * step, 6)
+        ev = averaged_eval(plan, w, verbose)
+        if not matched(ev):
+            break
+        best, best_eval = w, ev
+    return best, best_eval

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             model, data = prepare_smollm2(out)
         recipe = recipe_path("smollm2_sft_dpo.yaml")
         eval_data = [f"eval.dataset_dir={data}"]
-    from .report import make_report
+    from .report import make_report, run_row
     from .runner import run_recipe
 
     ogpsa_dir = "ogpsa" if args.target == "update" else "ogpsa_gradient"
@@ -103,14 +103,26 @@ def main(argv: list[str] | None = None) -> int:
         code = run_recipe(str(recipe), overrides, verbose=args.verbose)
         if code:
             return code
-    runs = [str(out / d) for d in ("plain", "ogpsa", "ogpsa_gradient", "null_space")
-            if (out / d / "pipeline.json").is_file()]
+        # this run's numbers now, against plain when plain is done (it runs first)
+        print(run_row(_finished(out), str(folder)), flush=True)
+    runs = _finished(out)
     # the weight-averaging curve between the starting model and plain's result: the baseline to beat
     plain = [r for r in runs if Path(r).name == "plain"]
-    md, png, table = make_report(runs, str(out / "report"), [0.25, 0.5, 0.75] if plain else None, plain)
+    md, png, table = make_report(runs, str(out / "report"), [0.25, 0.5, 0.75] if plain else None, plain,
+                                 verbose=args.verbose)
     print(table)
-    print(f"\nreport: {md}\nplot:   {png}")
+    print(f"plot: {png}")
     return 0
+
+
+def _finished(out: Path) -> list[str]:
+    """The quickstart's run folders with a pipeline.json, plain first."""
+    found = []
+    for name in ("plain", "ogpsa", "ogpsa_gradient", "null_space"):
+        state = out / name / "pipeline.json"
+        if state.is_file():
+            found.append(str(out / name))
+    return found
 
 
 def _console(verbose: bool, out: Path) -> tuple[Console, str]:

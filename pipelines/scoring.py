@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..plugin.files import short_hash
+
 from .eval_config import EvalConfig, EvalError
 from .probes import HHHSet, ProbeSet, hhh_probes, load_probes, reference_prompts, source_label
 from .refusal import ClassifierJudge, JudgeError, is_refusal
@@ -211,9 +213,19 @@ def eval_capability(model, tokenizer, template, cfg: EvalConfig, sets: dict[str,
         pairs = [encode_prompt(template, tokenizer, p["prompt"], p["answer"]) for p in ps.probes]
         scores = score_pairs(model, tokenizer, pairs, cfg, f"nll {label}")
         total, count = sum(s for s, _ in scores), sum(n for _, n in scores)
+        # per probe, in probe order: what `ogpsa report` resamples for its intervals (the NLL is the
+        # token-weighted mean, so a resample is sum(nll_sum[i]) / sum(n_tokens[i]))
+        per_probe = {"nll_sum": [round(s, 6) for s, _ in scores], "n_tokens": [n for _, n in scores]}
         result[label] = {"nll": total / max(count, 1), "n_probes": len(ps.probes), "n_tokens": count,
-                         "n_excluded": ps.n_excluded, "source": ps.source}
+                         "n_excluded": ps.n_excluded, "source": ps.source, "per_probe": per_probe,
+                         "probes_hash": probes_hash(ps.probes)}
     return result
+
+
+def probes_hash(probes: list[dict]) -> str:
+    """Short hash of a probe list's prompts (and answers) in order: two evaluations can be paired probe
+    by probe only when theirs are equal."""
+    return short_hash([[p.get("prompt"), p.get("answer")] for p in probes])
 
 
 def eval_hhh(model, tokenizer, template, cfg: EvalConfig, hhh: HHHSet) -> dict:
@@ -240,7 +252,8 @@ def eval_refusals(model, tokenizer, template, cfg: EvalConfig, ps: ProbeSet, des
     prompts = [p["prompt"] for p in ps.probes]
     responses = generate(model, tokenizer, template, prompts, cfg, desc)
     flags = [is_refusal(r) for r in responses]
-    result = {"refusal_rate": sum(flags) / len(flags), "n": len(flags), "n_excluded": ps.n_excluded, "source": ps.source}
+    result = {"refusal_rate": sum(flags) / len(flags), "n": len(flags), "n_excluded": ps.n_excluded, "source": ps.source,
+              "flags": [int(f) for f in flags], "probes_hash": probes_hash(ps.probes)}
     samples = [{"prompt": p, "response": r, "refusal": f} for p, r, f in zip(prompts, responses, flags)]
     if judge is not None:
         judged = judge.flags(responses, prompts, cfg.batch_size)

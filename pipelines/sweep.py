@@ -1,12 +1,16 @@
-"""`ogpsa sweep RECIPE --grid KEY=V1,V2 [--grid ...] [--out DIR] [--average W,...] [key=value ...]`:
-one recipe over a grid of settings, each run evaluated, one report with the frontier.
+"""`ogpsa sweep RECIPE --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--out DIR] [--average W,...|auto]
+[key=value ...]`: one recipe over a grid of settings, each run evaluated, one report with intervals
+and the frontier.
 
     ogpsa sweep recipes/smollm2_sft_dpo.yaml --grid ogpsa_method=gradient_span,null_space \\
-        --grid dpo.pref_beta=0.1,0.3 --average 0.25,0.5,0.75
+        --grid dpo.pref_beta=0.1,0.3 --seeds 0,1,2 --average 0.25,0.5,0.75,auto
 
 Runs: one per combination of the grid, in `<out>/<key>-<value>__...`, plus the plain baseline in
 `<out>/plain` (every `ogpsa_*` stage made plain; one plain run per combination of the grid's
-non-`ogpsa_*` keys, since those change plain training too). A grid key applies to every stage,
+non-`ogpsa_*` keys, since those change plain training too, and each run is compared with the plain
+run of its own combination). `--seeds 0,1,2` is the grid key `seed=0,1,2` (a non-`ogpsa_*` key, so
+every seed has its plain run too); the report folds the runs that differ only by seed into one row
+with an interval over seeds and probes. A grid key applies to every stage,
 overriding the stage's own value (`ogpsa_refresh_steps=8` reaches a recipe whose stages set their
 own intervals); `STAGE.key` applies to one stage. Plain `key=value` arguments apply to every run.
 
@@ -23,9 +27,11 @@ sweep is not trained again: its record (with its model folder and evaluation) is
 later run's pipeline.json, under that run's lock, with the identity the runner itself computes, so
 the runner skips it. The starting model's evaluation is shared the same way.
 
-Report: `<out>/report.md` and `.png` (`ogpsa.pipelines.report`): every run, the plain run's
-weight-averaging curve (`--average`, default 0.25,0.5,0.75; `--average none` for none), the tax
-each run avoids against plain, and the frontier column.
+Report: `<out>/report.md` and `.png` (`ogpsa.pipelines.report`): every run, the plain runs'
+weight-averaging curve (`--average`, default 0.25,0.5,0.75; `--average none` for none), every run's
+average calibrated to its plain run's refusal (`auto` in `--average`), the tax each run avoids
+against its own plain run with its interval, and the frontier column. The console shows the compact
+table; every run's row is printed as soon as the run and its plain run are evaluated.
 """
 
 from __future__ import annotations
@@ -289,12 +295,16 @@ def seed(run: Run, known: dict[str, dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def sweep(recipe_path: str, grid_items: list[str], out: Path, extra: list[str], average: str | None) -> int:
-    from .average import parse_weights
-    from .report import make_report
+def sweep(recipe_path: str, grid_items: list[str], out: Path, extra: list[str], average: str | None,
+          seeds: str | None = None) -> int:
+    from .report import make_report, parse_average, run_row
 
+    if seeds:
+        if any(item.partition("=")[0].strip() == "seed" for item in grid_items):
+            raise SweepError("--seeds: the grid already has a seed key; give the seeds once")
+        grid_items = [*grid_items, f"seed={seeds}"]
     grid = parse_grid(grid_items)
-    weights = None if (average or "").lower() in ("", "none") else parse_weights(average)
+    weights, auto = parse_average(average)
     runs = plan(recipe_path, grid, extra, out)
     print(f"[ogpsa sweep] {len(runs)} runs in {out}: " + ", ".join(r.name for r in runs), flush=True)
     known: dict[str, dict] = {}
@@ -309,9 +319,11 @@ def sweep(recipe_path: str, grid_items: list[str], out: Path, extra: list[str], 
             return code
         for key, record in finished_stages(run).items():
             known.setdefault(key, record)
+        done = [str(r.folder) for r in runs[: runs.index(run) + 1]]
+        print(run_row(done, str(run.folder)), flush=True)
     plain = [str(r.folder) for r in runs if r.plain]
     md, png, table = make_report([str(r.folder) for r in runs], str(out / "report"), weights, plain if weights else None,
-                                 plain=plain[0])
+                                 auto=auto)
     print(table)
     print(f"[ogpsa sweep] report: {md}\n[ogpsa sweep] plot:   {png}")
     return 0
@@ -324,14 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a key and its values (repeatable)")
     p.add_argument("--out", help="sweep folder (default runs/sweep_<recipe name>)")
-    p.add_argument("--average", default=DEFAULT_AVERAGE, help=f"weight-averaging weights for the plain run (default {DEFAULT_AVERAGE}; none: no curve)")
+    p.add_argument("--seeds", metavar="S1,S2", help="run every setting at these seeds (the grid key seed=S1,S2)")
+    p.add_argument("--average", default=DEFAULT_AVERAGE,
+                   help=f"weight-averaging weights for the plain runs' curve (default {DEFAULT_AVERAGE}; none: no curve); "
+                        "'auto' in the list: every run's average calibrated to its plain run's refusal")
     try:
         args = p.parse_intermixed_args(argv)  # overrides may follow --grid
     except SystemExit as exc:  # usage errors exit 2, --help exits 0
         return int(exc.code or 0)
     out = Path(args.out or f"runs/sweep_{Path(args.recipe).stem}").expanduser().resolve()
     try:
-        return sweep(args.recipe, args.grid, out, args.overrides, args.average)
+        return sweep(args.recipe, args.grid, out, args.overrides, args.average, args.seeds)
     except (OGPSAConfigError, EvalError) as e:
         print(f"ogpsa sweep: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -64,6 +65,24 @@ def test_eval_numbers_in_range(cli_result):
     assert 0.0 <= m["hhh_acc"] <= 1.0 and 0.0 <= m["hhh_acc_norm"] <= 1.0 and result["hhh"]["n"] == 3
     assert result["settings"]["template"] == "qwen" and result["settings"]["max_new_tokens"] == 6
     assert result["safety"]["n"] == 8 and len(result["safety"]["samples"]) == 5
+
+
+def test_per_probe_results_kept_for_the_report_intervals(cli_result):
+    """Each capability probe's NLL sum and token count, each harmful / benign prompt's refusal flag, and
+    the probe list's hash: the totals are the reported numbers."""
+    result = json.loads(cli_result.read_text())
+    for name in PROBES:
+        block = result["capability"][name]
+        per = block["per_probe"]
+        assert len(per["nll_sum"]) == len(per["n_tokens"]) == block["n_probes"] == 16
+        assert sum(per["n_tokens"]) == block["n_tokens"]
+        assert sum(per["nll_sum"]) / sum(per["n_tokens"]) == pytest.approx(block["nll"], rel=1e-5)
+        assert len(block["probes_hash"]) == 16
+    assert result["capability"][PROBES[0]]["probes_hash"] != result["capability"][PROBES[1]]["probes_hash"]
+    for key in ("safety", "over_refusal"):
+        block = result[key]
+        assert len(block["flags"]) == block["n"] and sum(block["flags"]) / block["n"] == block["refusal_rate"]
+        assert [s["refusal"] for s in block["samples"]] == [bool(f) for f in block["flags"][: len(block["samples"])]]
 
 
 def test_json_written_atomically(cli_result, monkeypatch):
@@ -255,12 +274,13 @@ def test_report_two_pipelines(tmp_path, capsys):
     prefix = tmp_path / "out" / "report"
     assert report.main([str(plain), str(ogpsa), "--out", str(prefix)]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| plain (tiny_sft_dpo) | dpo | 0.900 | 0.225 | 2.000 | 1.800 | 1.900 | 0.600 | – |" in md
-    assert "| ogpsa (tiny_sft_dpo) | base |" in md and "nll/math" in md and "report.png" in md
+    assert "| plain | dpo | 0.900 | 0.225 | 2.000 | 1.800 | 1.900 | 0.600 | – |" in md
+    assert "| ogpsa | base |" in md and "nll/math" in md and "report.png" in md
     png = (tmp_path / "out" / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "report.png"]
-    assert "| plain (tiny_sft_dpo) | sft |" in capsys.readouterr().out
+    console = capsys.readouterr().out
+    assert re.search(r"^plain +sft +0\.600 +0\.150 ", console, re.M) and f"full table and notes: {prefix}.md" in console
 
 
 def test_report_reads_eval_json_and_rejects_bad_dirs(cli_result, tmp_path, capsys):
@@ -283,7 +303,7 @@ def test_eval_pipeline_folder(assets, tmp_path):
     result = json.loads((run / "eval.json").read_text())
     assert [s["name"] for s in result["stages"]] == ["sft"] and result["stages"][0]["eval"]["capability"]["toy_math_eval"]["n_probes"] == 4
     assert report.main([str(run), "--out", str(tmp_path / "rep")]) == 0
-    assert "| pipe (tiny) | sft |" in (tmp_path / "rep.md").read_text()
+    assert "| pipe | sft |" in (tmp_path / "rep.md").read_text()
 
 
 LM_EVAL_TASK = """\
@@ -351,7 +371,8 @@ def test_lm_eval_local_task_runs_on_the_loaded_model_and_reaches_the_report(asse
     acc = result["metrics"]["lm_eval/ogpsa_local_mc/acc"]
     assert acc == pytest.approx(_own_multiple_choice_accuracy(assets["model"]))
     assert set(k for k in result["metrics"] if k.startswith("lm_eval/")) == {"lm_eval/ogpsa_local_mc/acc"}
-    _, _, table = report.make_report([str(out.parent)], str(tmp_path / "rep"))
+    md, _, _ = report.make_report([str(out.parent)], str(tmp_path / "rep"))
+    table = md.read_text().split("\n\n")[1]  # the full table carries every metric
     assert "lm_eval/ogpsa_local_mc/acc" in table.splitlines()[0] and f"{acc:.3f}" in table
     capsys.readouterr()
     bad = [assets["model"], "--lm-eval-tasks", "no_such_task_xyz", "--lm-eval-include-path", str(tasks),

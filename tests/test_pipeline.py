@@ -226,8 +226,18 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     # quiet: a line per start and end and one bar per stage and evaluation; the full logs in files
     console = proc.stdout + proc.stderr
-    assert console.count("\n") < 100, console  # 4 stages, 9 evaluations (3 averages), the table and its notes: 82 lines
+    assert console.count("\n") < 80, console  # 4 stages, 9 evaluations (3 averages), 2 run rows, the table: 65 lines
     assert "Running training" not in console and "input_ids" not in console
+    # no third-party progress or loader lines (averaging, evaluation): they are in the logs
+    for noise in ("Loading weights", "Writing model shards", "[ogpsa eval]", "Loading checkpoint"):
+        assert noise not in console, noise
+    assert "Writing model shards" in (tmp_path / "qs" / "plain" / "averages" / "average.log").read_text()
+    # the compact table fits a terminal, names the full report, and every run's rows came as it finished
+    table = proc.stdout[proc.stdout.rindex("run ") :]
+    assert max(map(len, table.splitlines())) <= 100, table
+    assert f"full table and notes: {tmp_path / 'qs' / 'report.md'}" in table
+    assert re.search(r"^ogpsa +dpo +[0-9.]+ +[0-9.]+ .*\d+% \[-?\d+, -?\d+\]", table, re.M), table
+    assert proc.stdout.count("\nogpsa ") == 4  # sft and dpo rows after the run, then in the final table
     for run in ("plain", "ogpsa"):
         assert f"log: {tmp_path / 'qs' / run / 'eval_base.log'}" in proc.stdout
         for stage, steps in (("01_sft", 24), ("02_dpo", 8)):
@@ -249,9 +259,10 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert "ogpsa" not in plain["stages"][0]["metrics"] and ogpsa["stages"][0]["metrics"]["ogpsa"]["rebuilds"] > 0
     # the weight-averaging curve of the plain run, and the tax avoided against plain
     for w in ("0.25", "0.5", "0.75"):
-        assert f"| plain (tiny_sft_dpo) · average | {w}×dpo |" in report
+        assert f"| plain · average | {w}×dpo |" in report
         assert (tmp_path / "qs" / "plain" / "averages" / f"dpo_w{w}" / "eval.json").is_file()
-    assert "tax avoided math" in report and "Δ refusal vs plain (probes)" in report
+    assert "tax avoided math" in report and "| Δ refusal | Δ over-refusal |" in report
+    assert re.search(r"\| ogpsa \| dpo \|.*\| -?\d+% \[-?\d+, -?\d+\] \|", report), report
 
 
 @pytest.mark.long  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
@@ -266,7 +277,7 @@ def test_quickstart_null_space_run_joins_the_report(tmp_path):
     assert [s["metrics"]["ogpsa"]["rebuilds"] for s in run["stages"]] == [1, 1]  # once per stage, not every K
     events = [json.loads(line) for line in (out / "null_space" / "01_sft" / "ogpsa_log.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "rebuild" and events[0]["method"] == "null_space"
-    assert "| null_space (tiny_sft_dpo) | dpo |" in (out / "report.md").read_text()
+    assert "| null_space | dpo |" in (out / "report.md").read_text()
 
 
 # ---- reuse only what is still valid: data identity, missing results, one runner per folder ----------

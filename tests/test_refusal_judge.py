@@ -135,8 +135,8 @@ def test_eval_with_judge_reports_its_rate(assets, tmp_path):
         assert result[block]["judge"]["rate"] == pytest.approx(sum(own) / len(own))
         assert result["metrics"][f"judge/refusal/{name}"] == result[block]["judge"]["rate"]
         assert result[block]["refusal_rate"] == sum(map(is_refusal, answers)) / len(answers)  # phrase rules kept
-    _, _, table = report.make_report([str(tmp_path)], str(tmp_path / "report"))
-    header, rule, row = table.splitlines()
+    md, _, _ = report.make_report([str(tmp_path)], str(tmp_path / "report"))
+    header, rule, row = md.read_text().split("\n\n")[1].splitlines()
     assert "judge/refusal/benign" in header and f"{result['metrics']['judge/refusal/harmful']:.3f}" in row
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_identical_stages_trained_once_and_the_sweep_resumes(fake_training, tmp_
     assert second["stages"][1]["start_model"] == str(out / "dpo.pref_beta-0.1" / "01_sft")
     assert "dpo.pref_beta-0.2: reusing sft, eval_base of an earlier run" in capsys.readouterr().out
     md = (out / "report.md").read_text()
-    assert "| plain__dpo.pref_beta-0.1 (tiny_sft_dpo) | dpo |" in md and "tax avoided math" in md and "frontier" in md
+    assert "| plain__dpo.pref_beta-0.1 | dpo |" in md and "tax avoided math" in md and "frontier" in md
     # rerun: nothing trains, nothing is evaluated
     trained.clear(), evaluated.clear()
     assert sweep.main(args) == 0 and trained == [] and evaluated == []
@@ -140,8 +141,38 @@ def test_real_sweep_with_averaging_curve_and_frontier(assets, tmp_path):
     assert state["stages"][1]["metrics"]["ogpsa"]["rebuilds"] >= 1 and state["stages"][1]["eval"]["metrics"]
     assert (out / "plain" / "averages" / "dpo_w0.5" / "eval.json").is_file()
     md = (out / "report.md").read_text()
-    assert "| plain (tiny_sft_dpo) · average | 0.5×dpo |" in md and "●" in md
+    assert "| plain · average | 0.5×dpo |" in md and "●" in md
     proc = subprocess.run([str(BIN / "ogpsa"), "sweep", RECIPE, "--out", str(out), "--grid", "dpo.ogpsa_refresh_steps=1,2",
                            "--average", "0.5"], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **ENV},
                           timeout=600)
     assert proc.returncode == 0 and "training it" not in proc.stdout and "evaluating" not in proc.stdout + proc.stderr
+
+
+def test_each_run_against_its_own_plain_run_seeds_folded(fake_training, tmp_path, capsys, monkeypatch):
+    """A grid over a non-ogpsa key: every OGPSA run here evaluates exactly as its own plain run, so each is
+    reported at 0% (against the first plain run the second learning rate would read -100%)."""
+    from ogpsa.pipelines import runner
+
+    def evaluate(self, model, *log):
+        nll = 2.0 if "learning_rate-2e-3" in model else 1.5 if "learning_rate-1e-3" in model else 1.0  # else: the start
+        return {"metrics": {"refusal_harmful": 0.5, "refusal_benign": 0.1, "nll/math": nll, "nll_mean": nll}}
+
+    monkeypatch.setattr(runner.Pipeline, "_evaluate_model", evaluate)
+    out = tmp_path / "s"
+    args = [RECIPE, "--out", str(out), "--grid", "learning_rate=1e-3,2e-3", "--seeds", "0,1", "--average", "none"]
+    assert sweep.main(args) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
+        f"{kind}learning_rate-{lr}__seed-{s}" for kind in ("plain__", "") for lr in ("1e-3", "2e-3") for s in (0, 1))
+    md = (out / "report.md").read_text()
+    for lr in ("1e-3", "2e-3"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| learning_rate-{lr} | dpo |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == "2" and cells[-4:-1] == ["0%", "+0.00", "+0.00"], row  # 2 seeds; tax avoided, Δs
+        assert f"| plain__learning_rate-{lr} | dpo | 2 |" in md
+    said = capsys.readouterr().out
+    # every run's compact row as soon as it is evaluated, then the final table
+    assert re.search(r"^learning_rate-2e-3__seed-1 +dpo +0\.500 +0\.100 +0% ", said, re.M), said
+    assert max(map(len, said[said.rindex("\nrun ") + 1 :].splitlines())) <= 100
+    # the seeds once only
+    assert sweep.main(args + ["--grid", "seed=3"]) == 2
+    assert "--seeds: the grid already has a seed key" in capsys.readouterr().err
