@@ -350,8 +350,11 @@ def test_ogpsa_accordion_reaches_the_command(page, tiny):
     if os.environ.get("OGPSA_TEST_ARTIFACTS"):  # the picture in docs/guide.md
         block = page.chrome.find_element(
             By.XPATH, f"//button[.//span[normalize-space()='{ACCORDION}']]/ancestor::div[starts-with(@id,'component-')][1]")
+        hide = "document.querySelectorAll('.toast-wrap').forEach(t => t.style.visibility = arguments[0])"
+        page.chrome.execute_script(hide, "hidden")  # LlamaBoard's pop-up warnings, not part of the accordion
         page.chrome.execute_script("arguments[0].scrollIntoView()", block)
         Path(os.environ["OGPSA_TEST_ARTIFACTS"], "llamaboard_ogpsa_accordion.png").write_bytes(block.screenshot_as_png)
+        page.chrome.execute_script(hide, "")
     page.ogpsa({"ogpsa_directions_per_set": 9})  # more groups than the 8 samples the JSON box gives
     message = "ogpsa: error: ogpsa_directions_per_set: 9 groups need at least as many samples per set, but " \
               "ogpsa_reference_samples is 8"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import types
 import typing
 from typing import Any, Literal
@@ -173,6 +174,11 @@ def patch_train_tab(train_module) -> None:
     create_train_tab.__doc__ = original.__doc__
     setattr(create_train_tab, _PATCHED, True)
     train_module.create_train_tab = create_train_tab
+    # armed late (the module was imported before the hook): the modules that took the name already
+    for name in ("llamafactory.webui.components", "llamafactory.webui.interface"):
+        module = sys.modules.get(name)
+        if getattr(module, "create_train_tab", None) is original:
+            module.create_train_tab = create_train_tab
 
 
 def _place_after_last_accordion(tab) -> None:
