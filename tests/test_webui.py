@@ -2,8 +2,8 @@
 
 The stock LlamaBoard of the installed llamafactory runs in a subprocess on a free port, with the
 tiny offline model and toy data of conftest; Selenium drives the page as a user would (labels,
-dropdowns, the extra-arguments box, Start) and the assertions read what the launched
-`llamafactory-cli train` wrote. Skipped when selenium, chromium or chromedriver is missing
+dropdowns, the extra-arguments box, the OGPSA accordion, Start) and the assertions read what the
+launched `llamafactory-cli train` wrote. Skipped when selenium, chromium or chromedriver is missing
 (CI installs them best-effort in `.ci/run`). The default suite gets the page checks and one
 training run (under a minute with the server's start); the failing run is in `-m long`.
 """
@@ -22,7 +22,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import BIN, ENV, REFS, log_history, ogpsa_log
+
+from ogpsa.pipelines.integration.webui import widget_specs
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.common.exceptions import (
@@ -33,6 +36,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 OGPSA_SFT, OGPSA_DPO = "OGPSA Supervised Fine-Tuning", "OGPSA DPO"  # labels in the Stage dropdown
+ACCORDION = "OGPSA configurations"  # the accordion of the ogpsa_* settings (English page)
 # A tiny run: 4 steps of 4 samples, rebuild every 2. Stock LlamaBoard's own defaults (16 dataset
 # workers, batch 2 x 8 accumulation, logging every 5 steps) would make it slow on a CPU.
 EXTRA = {
@@ -48,6 +52,8 @@ EXTRA = {
     "dataloader_num_workers": 0,
     "seed": 42,
 }
+WIDGETS = {spec.key: spec.kind for spec in widget_specs()}  # key -> dropdown, number, checkbox or text
+STOCK = {k: v for k, v in EXTRA.items() if not k.startswith("ogpsa_")}  # the same run, settings elsewhere
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -195,8 +201,49 @@ class Page:
         box.send_keys(Keys.DELETE)
         box.send_keys(text)
 
+    def tick(self, label: str, on: bool) -> None:
+        """Set a checkbox (its label is the text beside the box)."""
+        xpath = f"//label[span[normalize-space()='{label}']]/input[@type='checkbox']"
+        box = _until(lambda: next((el for el in self.chrome.find_elements(By.XPATH, xpath) if el.is_displayed()),
+                                  None), 10, f"the checkbox {label!r}")
+        if box.is_selected() != on:
+            box.click()
+
+    def _accordion(self, accordion: str) -> list:
+        return self.chrome.find_elements(By.XPATH, f"//button[.//span[normalize-space()='{accordion}']]")
+
+    def shown(self, accordion: str) -> bool:
+        return any(button.is_displayed() for button in self._accordion(accordion))
+
     def open(self, accordion: str) -> None:
-        self.chrome.find_element(By.XPATH, f"//button[.//span[normalize-space()='{accordion}']]").click()
+        """Open an accordion (a click on an open one would close it)."""
+        _until(lambda: self.shown(accordion), 10, f"the accordion {accordion!r}")
+        button = next(button for button in self._accordion(accordion) if button.is_displayed())
+        if "open" not in button.get_attribute("class").split():
+            button.click()
+
+    def ogpsa(self, settings: dict) -> None:
+        """Open the OGPSA accordion and set its widgets (labelled with the YAML keys)."""
+        self.open(ACCORDION)
+        for key, value in settings.items():
+            kind = WIDGETS[key]
+            if kind == "checkbox":
+                self.tick(key, value)
+            elif kind == "number":
+                self.type(key, str(value), tag="input")
+            elif kind == "dropdown":
+                self.choose(key, value)
+            else:
+                self.type(key, value)
+        self.chrome.execute_script("document.activeElement.blur()")  # a number box hands its value on blur
+
+    def command(self) -> str:
+        """The command LlamaBoard previews, or the error it shows instead (a new answer: the output box
+        may hold the previous one)."""
+        before = self.output()
+        self.press("Preview command")
+        return _until(lambda: (output := self.output()) != before and ("llamafactory-cli train" in output
+                      or "error" in output) and output, 30, "the command preview")
 
     def press(self, button: str) -> None:
         self.chrome.find_element(By.XPATH, f"//button[normalize-space()='{button}']").click()
@@ -284,6 +331,38 @@ def test_ogpsa_dpo_command_keeps_the_pages_dpo_settings(page, tiny):
         assert flag in command, (flag, command)
 
 
+def test_ogpsa_accordion_reaches_the_command(page, tiny):
+    """The accordion shows for the OGPSA stages only. Widgets a user sets reach the command (a false
+    checkbox as `false`, which LlamaBoard would otherwise drop), those left alone add nothing, the
+    JSON box has the last word on a key set in both, and a bad widget value shows its one-line error."""
+    page.choose("Stage", "Supervised Fine-Tuning")
+    assert not page.shown(ACCORDION)
+    page.fill_run(tiny, OGPSA_DPO, "toy_safety_dpo", {**STOCK, "ogpsa_reference_samples": 8})
+    assert page.shown(ACCORDION)
+    page.ogpsa({"ogpsa_reference": ",".join(REFS), "ogpsa_refresh_steps": 3, "ogpsa_mode": "conflict",
+                "ogpsa_keep_previous": False, "ogpsa_reference_samples": 50})
+    command = page.command()
+    for flag in ("--stage ogpsa_dpo", f"--ogpsa_reference {','.join(REFS)} ", "--ogpsa_refresh_steps 3 ",
+                 "--ogpsa_mode conflict ", "--ogpsa_keep_previous false ", "--ogpsa_reference_samples 8 "):
+        assert flag in command, (flag, command)
+    set_here = {"ogpsa_reference", "ogpsa_refresh_steps", "ogpsa_mode", "ogpsa_keep_previous", "ogpsa_reference_samples"}
+    assert sorted(re.findall(r"--(ogpsa_\w+) ", command)) == sorted(set_here)  # the untouched ones add nothing
+    if os.environ.get("OGPSA_TEST_ARTIFACTS"):  # the picture in docs/guide.md
+        block = page.chrome.find_element(
+            By.XPATH, f"//button[.//span[normalize-space()='{ACCORDION}']]/ancestor::div[starts-with(@id,'component-')][1]")
+        hide = "document.querySelectorAll('.toast-wrap').forEach(t => t.style.visibility = arguments[0])"
+        page.chrome.execute_script(hide, "hidden")  # LlamaBoard's pop-up warnings, not part of the accordion
+        page.chrome.execute_script("arguments[0].scrollIntoView()", block)
+        Path(os.environ["OGPSA_TEST_ARTIFACTS"], "llamaboard_ogpsa_accordion.png").write_bytes(block.screenshot_as_png)
+        page.chrome.execute_script(hide, "")
+    page.ogpsa({"ogpsa_directions_per_set": 9})  # more groups than the 8 samples the JSON box gives
+    message = "ogpsa: error: ogpsa_directions_per_set: 9 groups need at least as many samples per set, but " \
+              "ogpsa_reference_samples is 8"
+    assert message in page.command()
+    page.choose("Stage", "DPO")
+    _until(lambda: not page.shown(ACCORDION), 10, "the accordion to hide for a stock stage")
+
+
 @pytest.mark.parametrize("case", ["unknown_key", "page_field"])
 def test_bad_settings_show_error_and_start_nothing(board, page, tiny, case):
     """The checks of `llamafactory-cli train` run on Start: one line on the page, nothing launched."""
@@ -333,11 +412,16 @@ def test_error_found_by_the_run_fails_it_on_the_page(board, page, tiny, tmp_path
 
 
 def test_page_trains_ogpsa_sft(board, page, tiny):
-    """Start on the page: the launched run projects, logs its rebuilds, and the page reports success."""
-    page.fill_run(tiny, OGPSA_SFT, "toy_safety_sft", EXTRA)
+    """Start on the page with the settings in the OGPSA accordion: the launched run projects, logs its
+    rebuilds at the accordion's refresh steps, and the page reports success."""
+    page.fill_run(tiny, OGPSA_SFT, "toy_safety_sft", STOCK)
+    page.ogpsa({k: v for k, v in EXTRA.items() if k.startswith("ogpsa_")})
     out = _run_on_page(page, board[1])
     assert page.output().startswith("Finished."), f"{page.output()[-3000:]}\n{board[2].read_text()[-3000:]}"
-    assert "stage: ogpsa_sft" in (out / "training_args.yaml").read_text()  # the file LlamaBoard launched
+    launched = yaml.safe_load((out / "training_args.yaml").read_text())  # the file LlamaBoard launched
+    assert launched["stage"] == "ogpsa_sft"
+    assert {k: v for k, v in launched.items() if k.startswith("ogpsa_")} == {
+        "ogpsa_reference": ",".join(REFS), "ogpsa_reference_samples": 8, "ogpsa_refresh_steps": 2}
     records = ogpsa_log(out)
     rebuilds = [r for r in records if r.get("event") == "rebuild"]
     assert [r["step"] for r in rebuilds] == [0, 2]  # at the start, then every ogpsa_refresh_steps=2

@@ -1,11 +1,13 @@
 """The post-import hook: makes stock `llamafactory-cli train` understand OGPSA stages and recipes.
 
-`arm()` registers a `sys.meta_path` finder that waits for three LLaMA-Factory modules and wraps a
+`arm()` registers a `sys.meta_path` finder that waits for four LLaMA-Factory modules and wraps a
 few of their functions right after they are executed:
 
 - `llamafactory.train.tuner`: the stage integration (`tuner.patch_tuner`).
 - `llamafactory.launcher`: recipes, checks before launch, the torchrun worker (`launcher.patch_launcher`).
 - `llamafactory.webui.runner`: the OGPSA stages in LlamaBoard (`webui.patch_runner`).
+- `llamafactory.webui.components.train`: LlamaBoard's OGPSA accordion (`webui.patch_train_tab`),
+  patched before `llamafactory.webui.components` imports its `create_train_tab` by name.
 
 The installed `ogpsa_activate.pth` calls `arm()` at every interpreter start-up (through
 `autoload`); until `llamafactory` is imported nothing else happens, and any failure here only
@@ -36,10 +38,17 @@ def _patch_webui_runner(module) -> None:
     patch_runner(module)
 
 
+def _patch_webui_train_tab(module) -> None:
+    from .webui import patch_train_tab
+
+    patch_train_tab(module)
+
+
 _HOOKS = {
     "llamafactory.train.tuner": _patch_tuner,
     "llamafactory.launcher": _patch_launcher,
     "llamafactory.webui.runner": _patch_webui_runner,
+    "llamafactory.webui.components.train": _patch_webui_train_tab,
 }
 
 
@@ -47,7 +56,7 @@ def _apply(name: str, module) -> None:
     try:
         _HOOKS[name](module)
     except Exception as e:  # never break stock LLaMA-Factory because of this package
-        sys.stderr.write(f"ogpsa: could not patch {name} ({e!r}); OGPSA stages are unavailable\n")
+        sys.stderr.write(f"ogpsa: could not patch {name} ({e!r}); what OGPSA adds there is unavailable\n")
 
 
 class _Loader(importlib.abc.Loader):
