@@ -313,6 +313,11 @@ def _notes(rows: list[dict], runs: list[dict], nll_keys: list[str], boot: Bootst
         if r["kind"] == "auto":
             notes.append(f"- {r['label']}: w = {', '.join(f'{w:g}' for w in r['w'])} chosen by the matched-refusal rule "
                          "(the largest pull-back toward the start still at plain's refusal, searched from 0.9 in steps of 0.1)")
+    if any(r["plain"] for r in runs):
+        for run in runs:
+            if not run.get("plain_run"):
+                notes.append(f"- {run['label']}: no plain run with the same non-ogpsa settings among the runs, so it is not "
+                             "compared (add that plain run, or name one with --plain)")
     for run in runs:
         if run.get("auto_note"):
             notes.append(f"- {run['label']}: {run['auto_note']}")

@@ -179,6 +179,10 @@ def test_runs_differing_only_by_seed_fold_into_one_row_against_their_own_plain_r
     # the other learning rate: identical to its own plain run, so 0% (against seed 0's plain it would be -150%)
     assert _row(md, "| span__lr | dpo |")[-4] == "0% [0, 0]"
     assert "probes and seeds" in md
+    # a run whose plain run is not in the report is left uncompared, and the notes say why
+    md = report.make_report([str(dirs[0]), str(dirs[-1])], str(tmp_path / "rep3"))[0].read_text()
+    assert "- span__lr: no plain run with the same non-ogpsa settings among the runs, so it is not compared" in md
+    assert _row(md, "| span__lr | dpo |")[-4:-1] == ["–", "–", "–"]
 
 
 def test_over_refusal_panel_has_its_own_axis(tmp_path):
