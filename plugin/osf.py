@@ -10,8 +10,8 @@ What this module adds to PEFT's own usage:
 - `wrap_model`: the PEFT call, from the stage's `ogpsa_osf_*` settings (`osf_settings.py`).
 - `OSFCallback`, with `ogpsa_target: update` (the package default): after each optimizer step,
   U_low <- U_low - U_high U_high^T U_low and V_low <- V_low - V_low V_high^T V_high. PEFT's hook makes
-  the gradient orthogonal, but Adam rescales it per coordinate (and weight decay does not care), so
-  its step leaves the complement: U_high^T (W_after - W_before) is then not 0, and the top singular
+  the gradient orthogonal, but Adam rescales it per coordinate, so its step leaves the
+  complement: U_high^T (W_after - W_before) is then not 0, and the top singular
   directions drift. With the step projected, U_high^T dW = 0 and dW V_high^T = 0 exactly (to float
   rounding) under any optimizer, as the gradient-span method's `update` target does for its
   subspace. `ogpsa_target: gradient` leaves PEFT's behaviour alone (exact under SGD only).

@@ -36,8 +36,8 @@ class OSFArguments:
         metadata={
             "help": "Top singular directions of each wrapped weight that stay fixed (PEFT's effective_rank): an "
             "integer >= 1 is a count, a number in (0, 1) a fraction of the weight's smaller dimension. The update "
-            "of a weight then lies in the complement of its top directions, on both sides, and has at most "
-            "min(out, in) - kept directions. 0.5: PEFT's default (half)."
+            "of a weight then lies in the complement of its top directions, on both sides, with rank at most "
+            "min(out, in) - kept. 0.5: PEFT's default (half)."
         },
     )
     ogpsa_osf_target_modules: str = field(

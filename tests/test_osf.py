@@ -224,3 +224,41 @@ def test_osf_under_ddp_keeps_the_top_directions(tiny, tmp_path):
     start = load_state(Path(tiny["model"]))
     assert_kept(top_drift(start, runs[2]), moved=1e-4)
     assert max_diff(runs[1], runs[2]) < 1e-3 * max_diff(runs[1], start)
+
+
+def test_guide_osf_table_is_generated_from_the_dataclass():
+    """docs/guide.md's OSF settings table equals `osf_markdown()` (regenerate it from there)."""
+    from ogpsa.plugin.osf_settings import osf_fields, osf_markdown
+
+    text = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    begin, end = "<!-- osf-settings:begin -->", "<!-- osf-settings:end -->"
+    block = text[text.index(begin) + len(begin):text.index(end)].strip("\n")
+    assert block == osf_markdown() and len(block.splitlines()) == 2 + len(osf_fields())
+
+
+@pytest.mark.long  # a tiny SFT -> DPO pipeline with its evaluations (~1-2 min)
+def test_osf_recipe_runs_sft_then_dpo_and_reports(tiny, tmp_path):
+    """The tiny OGPSA recipe turned into its OSF baseline: DPO trains from SFT's merged model, both
+    stages keep their own starting weights' top directions, and the run is a row of the report."""
+    import os
+    import subprocess
+
+    from helpers import BIN, ENV
+
+    assets = tmp_path / "runs" / "tiny_assets"
+    shutil.copytree(Path(tiny["model"]).parent, assets)
+    proc = subprocess.run([str(BIN / "llamafactory-cli"), "train", str(ROOT / "recipes" / "tiny_sft_dpo.yaml"),
+                           "ogpsa_method=osf", "output_dir=runs/tiny_osf", "sft.num_train_epochs=1"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    root = tmp_path / "runs" / "tiny_osf"
+    state = json.loads((root / "pipeline.json").read_text())
+    sft, dpo = state["stages"]
+    assert dpo["start_model"] == sft["model"] == str(root / "01_sft") and dpo["eval"]["metrics"]["nll/math"] > 0
+    weights = [load_state(p) for p in (assets / "model", root / "01_sft", root / "02_dpo")]
+    assert_kept(top_drift(weights[0], weights[1]))
+    assert_kept(top_drift(weights[1], weights[2]), moved=0.0)  # DPO keeps the SFT model's directions
+    from ogpsa.pipelines import report
+
+    assert report.main([str(root), "--out", str(tmp_path / "report")]) == 0
+    assert "| tiny_osf (tiny_sft_dpo) | dpo |" in (tmp_path / "report.md").read_text()
