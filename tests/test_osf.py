@@ -262,3 +262,20 @@ def test_osf_recipe_runs_sft_then_dpo_and_reports(tiny, tmp_path):
 
     assert report.main([str(root), "--out", str(tmp_path / "report")]) == 0
     assert "| tiny_osf (tiny_sft_dpo) | dpo |" in (tmp_path / "report.md").read_text()
+
+
+def test_command_line_flags_and_the_parsed_arguments_are_checked_too(tiny, tmp_path):
+    """`--ogpsa_osf_*` flags arrive as text and are typed like the YAML's; the callback's `bind` refuses
+    on LLaMA-Factory's parsed arguments what preflight refuses on a YAML (a flag-only run is checked there)."""
+    from llamafactory.hparams import get_train_args
+
+    from ogpsa.pipelines.integration.tuner import split_argv
+    from ogpsa.plugin.osf import OSFCallback
+
+    settings, stock = split_argv(["--stage", "ogpsa_dpo", "--ogpsa_method=osf", "--ogpsa_osf_effective_rank", "8",
+                                  "--ogpsa_osf_rank_pattern", '{"mlp": 0.25}', "--finetuning_type", "lora"])
+    assert stock == ["--stage", "dpo", "--finetuning_type", "lora"]
+    assert settings.osf.ogpsa_osf_effective_rank == 8 and settings.osf.ogpsa_osf_rank_pattern == {"mlp": 0.25}
+    cfg = base_config(tiny, tmp_path / "out", stage="sft", finetuning_type="lora")
+    with pytest.raises(OGPSAConfigError, match=r"^finetuning_type: ogpsa_method=osf wraps"):
+        OSFCallback(settings).bind(*get_train_args(cfg))
