@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..plugin.files import DatasetInfoError, dataset_names, info_path, read_dataset_info
+from ..plugin.osf_settings import OSF_PREFIX, OSF_SHARED_KEYS
 from ..plugin.preflight import preflight
 from ..plugin.settings import PREFIX, OGPSAConfigError
 
@@ -150,6 +151,11 @@ def _stage(index: int, entry: Any, shared: dict, cli: dict, where: str) -> Stage
         # (e.g. `sft.stage=sft`) turns an OGPSA recipe into its plain baseline
         entry = {k: v for k, v in entry.items() if not k.startswith(PREFIX)}
     args.update(entry)
+    if args.get("ogpsa_method") == "osf":
+        # likewise an OSF stage (PEFT's OSF needs no reference data) ignores the recipe's reference and
+        # schedule settings, so that `ogpsa_method=osf` turns an OGPSA recipe into its OSF baseline
+        args = {k: v for k, v in args.items()
+                if not k.startswith(PREFIX) or k in OSF_SHARED_KEYS or k.startswith(OSF_PREFIX)}
     if index > 0:
         args.pop("model_name_or_path", None)  # the previous stage's result, decided at run time
     args.setdefault("do_train", True)

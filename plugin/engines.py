@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .dist import world_size
+from .osf_settings import check_osf_engine
 from .settings import OGPSAArguments, OGPSAConfigError
 from .sharding import FSDP2Layout, Replicated, ShardLayout, Zero3Layout, ZeroLayout
 
@@ -49,6 +50,12 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             "its in-span part; keep float32 master weights (bf16: true, or DeepSpeed/FSDP2 mixed precision) "
             "or set ogpsa_target: gradient"
         )
+    if settings.ogpsa_method == "osf":
+        try:
+            check_osf_engine(get)
+        except ValueError as e:
+            raise OGPSAConfigError(f"{where}{e}") from None
+        return
     config, fsdp = get("deepspeed"), get("fsdp")
     if settings.ogpsa_method == "null_space" and (config or fsdp):
         raise OGPSAConfigError(

@@ -85,7 +85,7 @@ def _check(settings: OGPSAArguments, get: Callable[[str], Any], dataset_dir: Any
         return value
 
     check_arguments(recording_get, settings, where)  # engine, offload, pure_bf16 + update, USE_V1, ...
-    if isinstance(dataset_dir, str):
+    if isinstance(dataset_dir, str) and settings.reference_names:  # ogpsa_method=osf has none
         check_registered(settings.reference_names, dataset_dir, where)
     _checked.setdefault(ours, []).append(reads)
 

@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from .osf_settings import OSF_PREFIX, OSF_SHARED_KEYS, OSFArguments, parse_osf_args
+
 # Stage names this package registers, and the LLaMA-Factory workflow each one runs.
 OGPSA_STAGES = {"ogpsa_sft": "sft", "ogpsa_dpo": "dpo"}
 # ogpsa_basis_dtype -> torch dtype (None: each parameter's own); torch is imported lazily by users.
@@ -34,14 +36,16 @@ class OGPSAConfigError(ValueError):
 class OGPSAArguments:
     """Settings of an `ogpsa_sft` / `ogpsa_dpo` stage (YAML keys are the field names)."""
 
-    ogpsa_method: Literal["gradient_span", "null_space"] = field(
+    ogpsa_method: Literal["gradient_span", "null_space", "osf"] = field(
         default="gradient_span",
         metadata={
             "help": "'gradient_span' (OGPSA): remove from each step its component along the reference sets' "
             "gradients, so each reference loss is unchanged to first order. 'null_space' (NSPO, arXiv "
             "2512.11391): restrict each constrained linear layer's weight change to the null space of its "
             "inputs on the reference sets, so those layers' outputs on the reference inputs are kept (up to "
-            "ogpsa_null_alpha), not only to first order."
+            "ogpsa_null_alpha), not only to first order. 'osf': PEFT's orthogonal subspace fine-tuning, a baseline "
+            "with no reference data: each wrapped weight's top singular directions stay fixed and its update lies "
+            "in their complement (settings: the ogpsa_osf_* keys in docs/guide.md)."
         },
     )
     ogpsa_reference: str = field(
@@ -157,6 +161,8 @@ class OGPSAArguments:
 
     # ---- derived, filled by `resolve` ----
     stage: str = field(default="", metadata={"help": "internal: the ogpsa stage name"})
+    osf: Optional[OSFArguments] = field(
+        default=None, metadata={"help": "internal: the ogpsa_osf_* settings when ogpsa_method is osf"})
 
     @property
     def reference_names(self) -> list[str]:
@@ -166,7 +172,7 @@ class OGPSAArguments:
     def refresh_steps(self) -> int:
         if self.ogpsa_refresh_steps is not None:
             return self.ogpsa_refresh_steps
-        return 0 if self.ogpsa_method == "null_space" else DEFAULT_REFRESH[self.stage]
+        return 0 if self.ogpsa_method in ("null_space", "osf") else DEFAULT_REFRESH[self.stage]
 
 
 def user_fields() -> list[dataclasses.Field]:
@@ -232,12 +238,25 @@ def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[OGPSAArgume
                 f"but the stage is {stage!r}"
             )
         return None, args
+    osf_keys = {k: ours.pop(k) for k in list(ours) if k.startswith(OSF_PREFIX)}
     known = {f.name for f in user_fields()}
     unknown = sorted(set(ours) - known)
     if unknown:
         raise OGPSAConfigError(f"{where}{', '.join(unknown)}: unknown OGPSA key(s); known keys: {sorted(known)}")
     values = {k: _check_type(k, v, None, where) for k, v in ours.items()}
     method = values.get("ogpsa_method", "gradient_span")
+    if osf_keys and method != "osf":
+        raise OGPSAConfigError(f"{where}{', '.join(sorted(osf_keys))}: not used by ogpsa_method={method}")
+    osf = None
+    if method == "osf":
+        foreign = sorted(k for k in values if k not in OSF_SHARED_KEYS)
+        if foreign:
+            raise OGPSAConfigError(f"{where}{', '.join(foreign)}: not used by ogpsa_method=osf (it needs no "
+                                   "reference data and builds nothing)")
+        try:
+            osf = parse_osf_args(osf_keys)
+        except ValueError as e:
+            raise OGPSAConfigError(f"{where}{e}") from None
     foreign = sorted(k for m, keys in METHOD_KEYS.items() if m != method for k in keys if k in values)
     if foreign:
         raise OGPSAConfigError(f"{where}{', '.join(foreign)}: not used by ogpsa_method={method}")
@@ -247,13 +266,15 @@ def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[OGPSAArgume
             f"{where}ogpsa_null_alpha, ogpsa_null_energy: give one or the other (a ratio to the largest "
             "eigenvalue, or a fraction of the inputs' energy to protect)"
         )
-    settings = OGPSAArguments(**values, stage=stage)
+    settings = OGPSAArguments(**values, stage=stage, osf=osf)
     validate(settings, where)
     rest["stage"] = OGPSA_STAGES[stage]
     return settings, rest
 
 
 def validate(settings: OGPSAArguments, where: str = "") -> None:
+    if settings.ogpsa_method == "osf":
+        return  # no reference data; its own keys were checked by parse_osf_args
     if not settings.reference_names:
         raise OGPSAConfigError(
             f"{where}ogpsa_reference: required for stage {settings.stage} "

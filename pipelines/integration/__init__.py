@@ -8,6 +8,8 @@
 - `launcher`: `llamafactory.launcher` (recipes, checks before launch, the torchrun worker).
 - `webui`: `llamafactory.webui.runner` and `llamafactory.webui.components.train` (the stages and
   the OGPSA accordion in LlamaBoard).
+- `osf`: `llamafactory.model.loader.init_adapter` and `transformers.Trainer._save` for `ogpsa_method:
+  osf` (PEFT's OSF wraps the trained model at load; the final save writes it merged), installed by `tuner`.
 - `entry`: the processes this package starts: `ogpsa train` and each torchrun rank
   (`worker/ogpsa_lf_worker.py`, alone in its folder because torchrun puts that folder on sys.path).
 

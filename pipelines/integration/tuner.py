@@ -11,6 +11,9 @@ Three small wraps, applied once to the imported `llamafactory.train.tuner` modul
 - `transformers.Trainer.log`: merges the callback's `ogpsa/...` metrics into the trainer's log
   record before it is stored and reported (trainer_state.json, tensorboard, wandb, ...).
 
+`ogpsa_method: osf` gets an `OSFCallback` instead, and two more wraps (`osf.patch_osf`): the model
+is wrapped with PEFT's OSF when LLaMA-Factory loads it, and the final save writes it merged.
+
 The same callback works without any patching: `run_exp(args, callbacks=[cb])` after
 `cb.bind(*get_train_args(args))` is all the stage integration does.
 """
@@ -22,10 +25,12 @@ import typing
 from typing import Any, Optional
 
 from ...plugin.callback import OGPSACallback
+from ...plugin.osf import OSFCallback
 from ...plugin.preflight import preflight
 from ...plugin.settings import PREFIX, OGPSAArguments, OGPSAConfigError
+from .osf import patch_osf, training_defaults
 
-_PENDING: list[OGPSACallback] = []
+_PENDING: list[OGPSACallback | OSFCallback] = []
 PATCHED = "__ogpsa_patched__"
 
 
@@ -98,7 +103,10 @@ def prepare(args: dict[str, Any] | list[str] | None, callbacks: list | None, whe
         return args, callbacks, None
     if settings is None:
         return args, callbacks, None
-    callback = OGPSACallback(settings)  # it drives the constraint settings.ogpsa_method names
+    if settings.ogpsa_method == "osf":  # PEFT's OSF: the model is wrapped at load (integration/osf.py)
+        callback = OSFCallback(settings)
+    else:
+        callback = OGPSACallback(settings)  # it drives the constraint settings.ogpsa_method names
     return stock, list(callbacks or []) + [callback], callback
 
 
@@ -128,12 +136,15 @@ def patch_tuner(tuner) -> None:
         parsed = original_get_train_args(args)
         if _PENDING:
             _PENDING[-1].bind(*parsed)
+            if isinstance(_PENDING[-1], OSFCallback):
+                training_defaults(parsed[2])
         return parsed
 
     tuner._training_function = _training_function
     tuner.get_train_args = get_train_args
     setattr(tuner, PATCHED, True)
     patch_trainer_log()
+    patch_osf(lambda: _PENDING[-1] if _PENDING else None)
 
 
 def patch_trainer_log() -> None:
@@ -148,7 +159,7 @@ def patch_trainer_log() -> None:
         # Only training-step records carry a loss and no eval_/train_ summary keys.
         if "loss" in logs and not any(k.startswith(("eval_", "train_")) for k in logs):
             for cb in self.callback_handler.callbacks:
-                if isinstance(cb, OGPSACallback):
+                if isinstance(cb, (OGPSACallback, OSFCallback)):
                     logs.update(cb.pop_log_metrics())
         return original_log(self, logs, *args, **kwargs)
 
