@@ -39,9 +39,11 @@ def test_widgets_are_the_settings(board):
     from llamafactory.webui.locales import LOCALES
 
     engine, demo = board
-    fields = user_fields()
-    assert [s.key for s in widget_specs()] == [f.name for f in fields] and len(fields) >= 15
-    hints = typing.get_type_hints(OGPSAArguments)
+    from ogpsa.plugin.osf_settings import OSFArguments
+
+    fields = user_fields() + list(dataclasses.fields(OSFArguments))  # the ogpsa_osf_* keys of ogpsa_method: osf
+    assert [s.key for s in widget_specs()] == [f.name for f in fields] and len(fields) >= 18
+    hints = {**typing.get_type_hints(OGPSAArguments), **typing.get_type_hints(OSFArguments)}
     languages = set(LOCALES["galore_tab"])
     assert {"en", "zh"} <= languages
     for f in fields:
@@ -52,11 +54,14 @@ def test_widgets_are_the_settings(board):
             assert isinstance(elem, gr.Dropdown) and [c[1] for c in elem.choices] == list(typing.get_args(hint))
         elif hint is bool:
             assert isinstance(elem, gr.Checkbox)
+        elif set(inner) == {int, float}:  # a count or a fraction
+            assert isinstance(elem, gr.Number) and elem.precision is None, f.name
         elif inner[0] in (int, float):
             assert isinstance(elem, gr.Number) and elem.precision == (0 if inner[0] is int else None), f.name
         else:
-            assert hint is str and isinstance(elem, gr.Textbox), f.name
-        assert elem.value == f.default and elem.label == f.name
+            assert hint in (str, dict) and isinstance(elem, gr.Textbox), f.name
+        default = "" if f.default is dataclasses.MISSING else f.default  # a mapping: JSON text, empty
+        assert elem.value == default and elem.label == f.name
         assert " ".join(f.metadata["help"].split()) == elem.info
         assert set(LOCALES[f.name]) == languages and LOCALES[f.name]["en"] == {"label": f.name, "info": elem.info}
     tab = engine.manager.get_elem_by_id(f"train.{ACCORDION}")
@@ -129,4 +134,8 @@ def test_every_field_type_has_a_widget():
     kinds = {s.key: s.kind for s in widget_specs()}
     assert kinds["ogpsa_method"] == "dropdown" and kinds["ogpsa_keep_previous"] == "checkbox"
     assert kinds["ogpsa_refresh_steps"] == "number" and kinds["ogpsa_reference"] == "text"
-    assert {f.name for f in dataclasses.fields(OGPSAArguments) if f.name.startswith("ogpsa_")} == set(kinds)
+    from ogpsa.plugin.osf_settings import OSFArguments
+
+    assert kinds["ogpsa_osf_effective_rank"] == "number" and kinds["ogpsa_osf_rank_pattern"] == "text"
+    expected = [f.name for f in dataclasses.fields(OGPSAArguments) if f.name.startswith("ogpsa_")]
+    assert set(expected + [f.name for f in dataclasses.fields(OSFArguments)]) == set(kinds)

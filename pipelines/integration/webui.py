@@ -36,6 +36,7 @@ import types
 import typing
 from typing import Any, Literal
 
+from ...plugin.osf_settings import OSFArguments
 from ...plugin.preflight import preflight
 from ...plugin.settings import METHOD_KEYS, OGPSA_STAGES, PREFIX, OGPSAArguments, OGPSAConfigError, user_fields
 
@@ -75,23 +76,31 @@ class WidgetSpec:
         return None if shown == self.default else shown
 
 
+def setting_fields() -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of every setting a page shows: the user fields of `OGPSAArguments`, then those of
+    `OSFArguments` (the `ogpsa_osf_*` keys of `ogpsa_method: osf`), each dataclass in its own order."""
+    ours, osf = typing.get_type_hints(OGPSAArguments), typing.get_type_hints(OSFArguments)
+    return [(f, ours[f.name]) for f in user_fields()] + [(f, osf[f.name]) for f in dataclasses.fields(OSFArguments)]
+
+
 def widget_specs() -> list[WidgetSpec]:
-    """One widget per user field of `OGPSAArguments`, in the dataclass's order."""
-    hints = typing.get_type_hints(OGPSAArguments)
+    """One widget per setting (`setting_fields`), in that order."""
     specs = []
-    for f in user_fields():
-        hint = hints[f.name]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X]: the widget of X, empty
-            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    for f, hint in setting_fields():
+        inner = tuple(a for a in typing.get_args(hint) if a is not type(None))
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            # Optional[X]: the widget of X, empty; int or float (a count or a fraction): a number
+            hint = float if set(inner) == {int, float} else inner[0]
         help_text = " ".join(f.metadata.get("help", "").split())
-        common = {"key": f.name, "default": f.default, "help": help_text}
+        default = "" if f.default is dataclasses.MISSING else f.default  # a mapping: JSON text, empty = unset
+        common = {"key": f.name, "default": default, "help": help_text}
         if typing.get_origin(hint) is Literal:
             specs.append(WidgetSpec(kind="dropdown", choices=typing.get_args(hint), **common))
         elif hint is bool:
             specs.append(WidgetSpec(kind="checkbox", **common))
         elif hint in (int, float):
             specs.append(WidgetSpec(kind="number", integer=hint is int, **common))
-        elif hint is str:
+        elif hint is str or hint is dict:  # a mapping is typed as JSON text, as on a command line
             specs.append(WidgetSpec(kind="text", **common))
         else:  # a field type the page cannot show: found by the test of this list, not by a user
             raise TypeError(f"{f.name}: no LlamaBoard widget for {hint!r}")
@@ -116,6 +125,7 @@ def _rows(specs: list[WidgetSpec]) -> list[list[WidgetSpec]]:
     """The settings both methods read first, then each method's own (METHOD_KEYS), each group split
     into rows of at most ROW_WIDTH, as even as possible."""
     owner = {key: method for method, keys in METHOD_KEYS.items() for key in keys}
+    owner.update({f.name: "osf" for f in dataclasses.fields(OSFArguments)})
     groups: dict[str, list[WidgetSpec]] = {}
     for spec in specs:
         groups.setdefault(owner.get(spec.key, ""), []).append(spec)
