@@ -242,8 +242,14 @@ class Page:
         may hold the previous one)."""
         before = self.output()
         self.press("Preview command")
-        return _until(lambda: (output := self.output()) != before and ("llamafactory-cli train" in output
-                      or "error" in output) and output, 30, "the command preview")
+
+        def answered():
+            output = self.output()
+            # while the answer is pending Gradio lays its timer ("0.1s") over the previous text
+            pending = re.match(r"^\d+(\.\d+)?s(\n|$)", output)
+            return not pending and output != before and ("llamafactory-cli train" in output or "error" in output) and output
+
+        return _until(answered, 30, "the command preview")
 
     def press(self, button: str) -> None:
         self.chrome.find_element(By.XPATH, f"//button[normalize-space()='{button}']").click()
