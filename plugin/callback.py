@@ -3,7 +3,8 @@
 The callback owns what every method shares: the schedule (build at step 0, every
 `ogpsa_refresh_steps`, follow-ups, resume from a checkpoint), the trainer slots (including the ZeRO
 `_optimizer_step` wrap), logging (ogpsa_log.jsonl and the trainer's metrics) and checkpoint I/O.
-What a method does at each slot is its constraint's: `gradient_span.py`, `null_space.py`.
+What a method does at each slot is its constraint's: `methods/gradient_span/method.py`,
+`methods/null_space/method.py`.
 
 The training order of one optimizer step, written down once here (DESIGN.md repeats it):
 

@@ -33,8 +33,8 @@ from .settings import OGPSAArguments, OGPSAConfigError
 
 # ogpsa_method -> "module:class" of its constraint (imported on first use).
 REGISTRY = {
-    "gradient_span": "gradient_span:GradientSpan",
-    "null_space": "null_space:NullSpace",
+    "gradient_span": "methods.gradient_span.method:GradientSpan",
+    "null_space": "methods.null_space.method:NullSpace",
 }
 
 

@@ -2,7 +2,7 @@
 
 Every function works without a process group (one process: rank 0 of 1, sums are no-ops), so the
 maths and the callback call them unconditionally. Each collective is entered by every rank with the
-same shapes; callers keep that promise (see `reference.py` for ranks that hold no reference batch).
+same shapes; callers keep that promise (see `reference.shard_batches` for ranks that hold no reference batch).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where this rank's piece of every trainable parameter lives, for each training engine.
 
-The projection (`projection.py`) works on lists of flat tensors, one per trainable parameter, and
+The gradient span's projection (`methods/gradient_span/maths.py`) works on lists of flat tensors, one per trainable parameter, and
 an optional `reduce` that completes inner products across ranks. A `ShardLayout` supplies both:
 
 - `Replicated` (one process, DDP): every rank holds whole parameters and the averaged `.grad`;

@@ -14,13 +14,13 @@ import re
 import pytest
 import torch
 from helpers import REFS, base_config, ogpsa_keys, run_cli, tokenized_references
-from ogpsa.plugin.activations import (
+from ogpsa.plugin.methods.null_space.activations import (
     constrained_layers,
     input_spaces,
     peak_bytes,
     unconstrained_weights,
 )
-from ogpsa.plugin.nullspace import build_space, project_rows_
+from ogpsa.plugin.methods.null_space.maths import build_space, project_rows_
 from ogpsa.plugin.settings import OGPSAArguments, OGPSAConfigError
 
 
@@ -84,7 +84,7 @@ def test_fsdp2_cpu_offload_is_refused(fsdp):
 def test_a_trained_lora_b_refuses_a_rebuild(tiny):
     """A rebuild's A <- A P is only harmless while B = 0; with a moved B (a resume without a saved null
     space, an adapter trained before) the rebuild refuses before it collects anything."""
-    from ogpsa.plugin.null_space import NullSpace
+    from ogpsa.plugin.methods.null_space.method import NullSpace
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -1,6 +1,6 @@
 """Null-space projection math (NSPO, arXiv 2512.11391): pure tensor code, torch only.
 
-The second method beside `projection.py`'s gradient span. For a linear layer y = W x whose inputs
+The second method beside the gradient span's `methods/gradient_span/maths.py`. For a linear layer y = W x whose inputs
 on the reference data are the rows of X (n x d_in), the uncentred covariance C = X^T X has
 eigenpairs (lambda_i, v_i). The null space N is spanned by the v_i with lambda_i <= alpha *
 lambda_max; P = V_N V_N^T projects onto it. A weight change restricted to N (dW = dW P) leaves
@@ -13,7 +13,7 @@ since || V_N^T X^T ||_F^2 = trace(V_N^T C V_N) is the sum of the eigenvalues in 
 layer's weight under full fine-tuning, and to a LoRA adapter's A (B A x then ignores the reference
 inputs' range once A = A P).
 
-State and transform are kept apart, as in `projection.py`: `build_space` turns a covariance into a
+State and transform are kept apart, as in the gradient span's maths: `build_space` turns a covariance into a
 `LayerSpace` (the state, with `state_dict`), and `project_rows_` / `anchor` / `restore_` apply it.
 Each `LayerSpace` stores whichever of the null basis V_N and the range basis V_R = V_N's
 complement is narrower: P = V_N V_N^T = I - V_R V_R^T, so either gives the same projection, at

@@ -1,5 +1,5 @@
 """`ogpsa_method: gradient_span` (OGPSA): the constraint that removes from every step its component
-along the reference sets' gradients (the maths is `projection.py`, the gradients `reference.py`).
+along the reference sets' gradients (the maths is `maths.py`, the gradients `gradients.py`).
 
     build                the reference sets' NLL gradients at the current weights, orthonormalised
                          into a `SubspaceBasis` (streaming Gram-Schmidt into the basis rows)
@@ -21,9 +21,13 @@ from typing import Any, Optional
 import torch
 from llamafactory.extras.logging import get_logger
 
-from . import dist
-from .constraint import BuildContext, SetupContext
-from .projection import (
+from ... import dist
+from ...constraint import BuildContext, SetupContext
+from ...reference import ReferenceDataError, split_groups
+from ...settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
+from ...sharding import Replicated, ShardLayout
+from .gradients import reference_gradients, sharded_reference_gradients
+from .maths import (
     MODES,
     BasisBuilder,
     NonFiniteGradient,
@@ -34,9 +38,6 @@ from .projection import (
     project_change_,
     span_coordinates,
 )
-from .reference import ReferenceDataError, reference_gradients, sharded_reference_gradients, split_groups
-from .settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
-from .sharding import Replicated, ShardLayout
 
 logger = get_logger("llamafactory.ogpsa")
 

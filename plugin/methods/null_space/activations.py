@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dist import all_reduce_sum
-from .reference import ReferenceSet, forked_rng, shard_batches, token_counts
-from .settings import OGPSAConfigError
+from ...dist import all_reduce_sum
+from ...reference import ReferenceSet, forked_rng, shard_batches, token_counts
+from ...settings import OGPSAConfigError
 
 # Module-name parts that mark a feed-forward block across common architectures (Llama, Qwen, Mistral,
 # Gemma: `mlp`; Falcon/GPT-NeoX: `mlp`; InternLM and others: `feed_forward`; some: `ffn`).

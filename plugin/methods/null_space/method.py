@@ -1,9 +1,9 @@
 """`ogpsa_method: null_space` (NSPO): the constraint that restricts each constrained linear layer's
-weight change to the null space of its inputs on the reference sets (the maths is `nullspace.py`,
+weight change to the null space of its inputs on the reference sets (the maths is `maths.py`,
 the inputs `activations.py`).
 
     build                forward the reference sets through the model (no backward), collect each
-                         constrained layer's input covariance X^T X, keep its null space (`nullspace.py`),
+                         constrained layer's input covariance X^T X, keep its null space (`maths.py`),
                          a few inputs per pass, each covariance freed once decomposed (`activations.py`);
                          LoRA: A <- A P at once, while B = 0 (B A x then ignores the reference inputs' range)
     project_grad         each constrained matrix's gradient G <- G P; a constrained layer's trainable
@@ -26,6 +26,9 @@ from typing import Any, Optional
 
 import torch
 
+from ...constraint import BuildContext, SetupContext
+from ...settings import OGPSAArguments, OGPSAConfigError
+from ...sharding import Replicated, ShardLayout
 from .activations import (
     ConstrainedLayer,
     constrained_layers,
@@ -33,10 +36,7 @@ from .activations import (
     peak_bytes,
     unconstrained_weights,
 )
-from .constraint import BuildContext, SetupContext
-from .nullspace import LayerSpace, anchor, build_space, project_rows_, restore_
-from .settings import OGPSAArguments, OGPSAConfigError
-from .sharding import Replicated, ShardLayout
+from .maths import LayerSpace, anchor, build_space, project_rows_, restore_
 
 
 class NullSpace:
