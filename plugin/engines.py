@@ -50,10 +50,10 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             "or set ogpsa_target: gradient"
         )
     config, fsdp = get("deepspeed"), get("fsdp")
-    if settings.ogpsa_method == "null_space" and (config or fsdp):
+    if settings.ogpsa_method == "null_space" and config:
         raise OGPSAConfigError(
-            f"{where}{'deepspeed' if config else 'fsdp'}: ogpsa_method=null_space runs on one process or DDP "
-            "(ZeRO's flat partitions cut weight rows, and W P needs whole rows; FSDP2 is not wired up)"
+            f"{where}deepspeed: ogpsa_method=null_space runs on one process, DDP or FSDP2 (ZeRO's flat partitions "
+            "cut weight rows, and W P needs whole rows)"
         )
     if settings.ogpsa_method == "null_space":
         _check_null_space_tuning(get, settings, where)
@@ -203,8 +203,8 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
 
 
 def _check_method(layout: ShardLayout, settings: OGPSAArguments) -> ShardLayout:
-    if settings.ogpsa_method == "null_space" and layout.sharded:
-        raise OGPSAConfigError(f"{layout.engine}: ogpsa_method=null_space runs on one process or DDP only")
+    if settings.ogpsa_method == "null_space" and layout.engine.startswith("zero"):
+        raise OGPSAConfigError(f"{layout.engine}: ogpsa_method=null_space runs on one process, DDP or FSDP2")
     return layout
 
 

@@ -14,10 +14,11 @@ the inputs `activations.py`).
 Parameters outside the constrained layers (embeddings, norms, unconstrained linears) train as in a
 plain run; only the constrained layers' outputs on the reference inputs are held.
 
-Supported engines: one process and DDP (the covariances are summed over ranks, so every rank keeps
-the same null spaces). ZeRO and FSDP2 are refused before launch (`engines.check_arguments`): ZeRO's
-flat partitions cut a weight's rows, and W P needs whole rows; FSDP2's row shards would work but
-are not wired up.
+Supported engines: one process, DDP and FSDP2. The covariances are summed over ranks, so every rank
+keeps the same null spaces (replicated: a d_in x k basis per input, not per weight). FSDP2 shards
+each weight by rows (dim 0), and (W P)'s rows are W's rows times P: each rank projects its own rows
+of the weight, its gradient and its anchor with no communication. ZeRO is refused before launch
+(`engines.check_arguments`): its flat partitions cut a weight's rows, and W P needs whole rows.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ class NullSpace:
 
     # ---- set-up -------------------------------------------------------------------------------
     def supports(self, layout: ShardLayout) -> Optional[str]:
-        if layout.sharded:
-            return f"{layout.engine}: ogpsa_method=null_space runs on one process or DDP only"
+        if layout.engine.startswith("zero"):
+            return f"{layout.engine}: ogpsa_method=null_space runs on one process, DDP or FSDP2"
         return None
 
     def setup(self, ctx: SetupContext) -> None:
@@ -118,13 +119,20 @@ class NullSpace:
                 continue
             for a in layer.matrices:
                 with torch.no_grad():
-                    removed_sq += project_rows_(a.data, self.spaces[layer.space]) ** 2
+                    removed_sq += project_rows_(_local(a), self.spaces[layer.space]) ** 2
+        if self.layout.sharded:  # each rank moved its own rows of A: the norm is over all of them
+            total = torch.tensor([removed_sq], dtype=torch.float64, device=self.params[0].device)
+            removed_sq = float(self.layout.reduce(total).item())
         return removed_sq**0.5
 
     def check_lora_b(self, step: int) -> None:
         """Refuse a build that would move a trained LoRA (see `_constrain_lora`)."""
-        for layer in self.layers:
-            if _is_lora(layer) and _lora_b_moved(layer):
+        moved = torch.tensor([float(_is_lora(layer) and _lora_b_moved(layer)) for layer in self.layers],
+                             dtype=torch.float64, device=self.params[0].device)
+        if self.layout.sharded:  # each rank sees its rows of B: one sum, entered by every rank
+            self.layout.reduce(moved)
+        for layer, flag in zip(self.layers, moved.tolist()):
+            if flag > 0:
                 raise OGPSAConfigError(
                     f"ogpsa_method=null_space: {layer.name}'s LoRA B is not zero at step {step} (a "
                     "trained adapter, or one not initialised with B = 0), and A <- A P would change the model's "
@@ -165,13 +173,17 @@ class NullSpace:
                 for m in layer.matrices:
                     if m.grad is None:
                         continue
-                    total_sq += float(m.grad.float().norm()) ** 2
-                    removed_sq += project_rows_(m.grad, space) ** 2
+                    grad = _local(m.grad)  # FSDP2: this rank's rows, projected with the whole P
+                    total_sq += float(grad.float().norm()) ** 2
+                    removed_sq += project_rows_(grad, space) ** 2
                 for b in layer.frozen:
                     b.grad = None  # torch optimizers skip a parameter without a gradient (no decay either)
+        if self.layout.sharded:  # the norms over every rank's rows (one two-number sum per step)
+            sums = torch.tensor([removed_sq, total_sq], dtype=torch.float64, device=self.params[0].device)
+            removed_sq, total_sq = self.layout.reduce(sums).tolist()
         self._removed_sq, self._total_sq = removed_sq, total_sq
         if self.settings.ogpsa_target == "update" and not self._anchors:  # once per null space
-            self._anchors = {(i, j): anchor(m, self.spaces[layer.space])
+            self._anchors = {(i, j): anchor(_local(m), self.spaces[layer.space])
                              for i, layer in enumerate(self.layers) for j, m in enumerate(layer.matrices)}
 
     def grad_record(self) -> Optional[dict[str, float]]:
@@ -187,7 +199,10 @@ class NullSpace:
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 for j, m in enumerate(layer.matrices):
-                    removed_sq += restore_(m, self.spaces[layer.space], self._anchors[(i, j)]) ** 2
+                    removed_sq += restore_(_local(m), self.spaces[layer.space], self._anchors[(i, j)]) ** 2
+        if self.layout.sharded:  # over every rank's rows
+            total = torch.tensor([removed_sq], dtype=torch.float64, device=self.params[0].device)
+            removed_sq = float(self.layout.reduce(total).item())
         return removed_sq
 
     # ---- checkpoint ---------------------------------------------------------------------------
@@ -201,11 +216,28 @@ class NullSpace:
             layer.space = int(space)
         self._anchors = {tuple(int(x) for x in k.split(".")): t for k, t in saved["anchors"].items()}
 
+    def reshard(self, states: list[dict], pieces: list[list[tuple[int, int]]], mine: list[tuple[int, int]],
+                device) -> dict[str, Any]:
+        """This rank's state from every saved rank's: the null spaces are replicated (every rank builds
+        the same ones), so rank 0's are taken. The anchors W_0 (I - P) are left out: they are rows of the
+        saved engine's pieces, and `project_grad` takes them again from the restored weights, whose part
+        outside the null space every restored step has kept at W_0 (I - P) (to round-off)."""
+        first = states[0]
+        spaces = [{**sp, "vectors": sp["vectors"].to(device).contiguous()} for sp in first["spaces"]]
+        return {"spaces": spaces, "layer_spaces": list(first["layer_spaces"]), "anchors": {}}
+
     def identity(self) -> dict[str, Any]:
         ident = {"layers": [la.name for la in self.layers], "null_alpha": self.settings.ogpsa_null_alpha}
         if self.settings.ogpsa_null_energy is not None:  # absent when unset: older checkpoints still match
             ident["null_energy"] = self.settings.ogpsa_null_energy
         return ident
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a parameter or gradient: the local shard of an FSDP2 DTensor (sharded on dim 0,
+    so whole rows), the tensor itself otherwise. In-place changes to it are changes to the parameter."""
+    local = getattr(t, "_local_tensor", None)
+    return t.data if local is None and isinstance(t, torch.nn.Parameter) else t if local is None else local
 
 
 def _is_lora(layer: ConstrainedLayer) -> bool:
@@ -217,7 +249,8 @@ def _lora_b_moved(layer: ConstrainedLayer) -> bool:
     lora_b = getattr(layer.module, "lora_B", None)
     if not isinstance(lora_b, torch.nn.ModuleDict):
         return False
-    return any(bool(m.weight.detach().ne(0).any()) for m in lora_b.values() if getattr(m, "weight", None) is not None)
+    return any(bool(_local(m.weight).detach().ne(0).any()) for m in lora_b.values()
+               if getattr(m, "weight", None) is not None)
 
 
 def _shape(model: torch.nn.Module, name: str) -> str:
