@@ -7,7 +7,7 @@ ACCELERATE_USE_FSDP in the environment).
 
 Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
 FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, FSDP2 CPU offload,
-DoRA and LoRA rebuilds (ogpsa_refresh_steps > 0) under the null-space method, DeepSpeed's bf16
+DoRA and ZeRO under the null-space method, DeepSpeed's bf16
 optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), partitions over a process group
 narrower than the world (MiCS, expert, sequence or tensor parallelism), FSDP1, `global`
 granularity under ZeRO (its groups are stepped one at a time), `pure_bf16` with
@@ -80,11 +80,6 @@ def _check_null_space_tuning(get: Callable[[str], Any], settings: OGPSAArguments
         raise OGPSAConfigError(
             f"{where}use_dora: ogpsa_method=null_space does not support DoRA (its magnitude vector rescales every "
             "output, on the reference inputs too); use plain LoRA"
-        )
-    if settings.refresh_steps > 0:
-        raise OGPSAConfigError(
-            f"{where}ogpsa_refresh_steps: ogpsa_method=null_space under LoRA builds once (0): a rebuild's A <- A P "
-            "after B has moved would change the model's function; set ogpsa_refresh_steps: 0 or use full fine-tuning"
         )
 
 

@@ -184,3 +184,19 @@ def test_null_space_dpo_with_lora(tiny, tmp_path):
         assert float((a @ rows.T).norm()) <= bound * (1 + 1e-4) + 1e-6 * float(rows.norm()), name
     history = [r for r in log_history(out) if "loss" in r]
     assert all("ogpsa/removed_fraction" in r for r in history)
+
+
+@pytest.mark.long  # one CLI run; test_null_space_scale checks the rebuild's maths in the default suite
+def test_lora_null_space_rebuilds_through_the_command_line(tiny, tmp_path):
+    """ogpsa_refresh_steps > 0 under LoRA: stock `llamafactory-cli train` rebuilds at step 2 with B moved,
+    keeps the adapter as it is there and constrains its B to the logged free directions."""
+    out = tmp_path / "out"
+    keys = {"finetuning_type": "lora", "lora_target": "all", "max_steps": 4, "learning_rate": 1e-2,
+            "optim": "adamw_torch", **null_keys(ogpsa_refresh_steps=2, ogpsa_null_layers="all_linear")}
+    run_cli(base_config(tiny, out, **keys), tmp_path / "run")
+    rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
+    assert [r["step"] for r in rebuilds] == [0, 2]
+    assert rebuilds[0]["lora_a_moved"] > 0 and "lora_trained_layers" not in rebuilds[0]
+    assert rebuilds[1]["lora_a_moved"] == 0.0 and rebuilds[1]["lora_trained_layers"] > 0
+    assert 0 < rebuilds[1]["lora_b_free_dims"] <= rebuilds[1]["lora_b_dims"]
+    assert [r["step"] for r in ogpsa_log(out) if "removed_fraction" in r] == [1, 2, 3, 4]

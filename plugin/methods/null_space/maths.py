@@ -37,6 +37,8 @@ class LayerSpace:
     null_energy: sum of the null eigenvalues / sum of all: the part of the reference inputs'
         energy a change in the null space may still reach (the bound above, squared, relative).
     largest: lambda_max, the scale the threshold alpha is relative to.
+    threshold: the largest eigenvalue of a direction admitted to the null space (0 when none is): the
+        most energy per unit of weight change a null-space direction may reach (`adapter_space`).
     """
 
     kind: str
@@ -44,6 +46,7 @@ class LayerSpace:
     null_dim: int
     null_energy: float
     largest: float
+    threshold: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -54,12 +57,12 @@ class LayerSpace:
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "vectors": self.vectors, "null_dim": self.null_dim,
-                "null_energy": self.null_energy, "largest": self.largest}
+                "null_energy": self.null_energy, "largest": self.largest, "threshold": self.threshold}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> LayerSpace:
         return cls(state["kind"], state["vectors"], int(state["null_dim"]), float(state["null_energy"]),
-                   float(state["largest"]))
+                   float(state["largest"]), float(state.get("threshold", 0.0)))
 
 
 def protected_count(eigenvalues: torch.Tensor, energy: float) -> int:
@@ -114,12 +117,48 @@ def build_space(cov: torch.Tensor, alpha: float, free_input: bool = False, energ
         k = int(null.sum())
     total = float(eigenvalues.sum())
     energy = float(eigenvalues[:k].sum()) / total if total > 0 else 0.0
+    threshold = float(eigenvalues[k - 1]) if k > 0 else 0.0
     d = eigenvectors.shape[0]
     if k <= d - k:
         kind, vectors = "null", eigenvectors[:, :k]
     else:
         kind, vectors = "range", eigenvectors[:, k:]
-    return LayerSpace(kind, vectors.to(torch.float32).contiguous(), k, energy, largest)
+    return LayerSpace(kind, vectors.to(torch.float32).contiguous(), k, energy, largest, threshold)
+
+
+def adapter_space(gram: torch.Tensor, rows: torch.Tensor, threshold: float) -> LayerSpace:
+    """The directions of a trained LoRA adapter's rank space in which B may still move after a rebuild.
+
+    With the effective update s B A kept as it is at a rebuild (B has moved, so A <- A P would change
+    the model), a later change keeps the layer's outputs on the new reference inputs (covariance C)
+    only as far as d(B A) does. A's gradient is projected onto the new null space (dA = dA P), so
+    B dA is held as a weight change under full fine-tuning is. B's change dB reaches the reference
+    inputs through A: a change d u^T (u in the r-dimensional rank space) moves the weight by
+    d (u^T A) and the outputs on the reference inputs by ||d||^2 u^T (A C A^T) u, against the
+    ||d||^2 u^T (A A^T) u it moves the weight. The generalised eigenvectors u of
+    (gram = A C A^T, rows = A A^T) with eigenvalue mu <= `threshold` (the null space's own cut: no
+    more reference energy per unit of weight change than a null-space direction) are free, as are
+    the u with u^T A = 0 (they move nothing); B's rows are projected onto their span (orthonormalised)
+    and its other directions keep their values, so what B has learnt there stays.
+
+    Returns the span as a "null" `LayerSpace` over the rank space (r x f vectors, null_dim f;
+    null_energy: the fraction of A C A^T's trace along the free directions).
+    """
+    g = gram.to(torch.float64)
+    h = rows.to(torch.float64)
+    g, h = (g + g.T) / 2, (h + h.T) / 2
+    r = h.shape[0]
+    hv, hq = torch.linalg.eigh(h)
+    top = float(hv[-1]) if r else 0.0
+    reached = hv > max(top, 0.0) * r * torch.finfo(torch.float32).eps  # A's rows span these (float32 A)
+    whiten = hq[:, reached] / hv[reached].sqrt()  # rows^(-1/2) on A's row span
+    mu, y = torch.linalg.eigh(whiten.T @ g @ whiten)
+    free = torch.cat([hq[:, ~reached], whiten @ y[:, mu <= threshold]], dim=1)
+    q = torch.linalg.qr(free).Q if free.shape[1] else free
+    total = float(mu.clamp_min(0).sum())
+    energy = float(mu[mu <= threshold].clamp_min(0).sum()) / total if total > 0 else 0.0
+    return LayerSpace("null", q.to(torch.float32).contiguous(), q.shape[1], energy, float(mu.max()) if mu.numel()
+                      else 0.0, threshold)
 
 
 def _times_basis(mat: torch.Tensor, space: LayerSpace) -> torch.Tensor:

@@ -5,9 +5,13 @@ the inputs `activations.py`).
     build                forward the reference sets through the model (no backward), collect each
                          constrained layer's input covariance X^T X, keep its null space (`maths.py`),
                          a few inputs per pass, each covariance freed once decomposed (`activations.py`);
-                         LoRA: A <- A P at once, while B = 0 (B A x then ignores the reference inputs' range)
-    project_grad         each constrained matrix's gradient G <- G P; a constrained layer's trainable
-                         bias gets no gradient (the optimizer skips it: a bias moves every output)
+                         LoRA: A <- A P at once, while B = 0 (B A x then ignores the reference inputs' range);
+                         a trained adapter (B moved: a rebuild, a resume without the saved state) keeps
+                         its B A, and its B gets the rank-space directions it may still move in
+                         (`maths.adapter_space`)
+    project_grad         each constrained matrix's gradient G <- G P (a trained adapter's B: onto its
+                         free directions); a constrained layer's trainable bias gets no gradient (the
+                         optimizer skips it: a bias moves every output)
     project_step         ogpsa_target=update: W <- W P + W_0 (I - P), so the step the optimizer took
                          (Adam's rescaling, weight decay) lies in the null space too
 
@@ -37,7 +41,7 @@ from .activations import (
     peak_bytes,
     unconstrained_weights,
 )
-from .maths import LayerSpace, anchor, build_space, project_rows_, restore_
+from .maths import LayerSpace, adapter_space, anchor, build_space, project_rows_, restore_
 
 
 class NullSpace:
@@ -54,6 +58,10 @@ class NullSpace:
         self.layers: list[ConstrainedLayer] = []
         self.spaces: list[LayerSpace] = []
         self._anchors: dict[tuple[int, int], torch.Tensor] = {}  # (layer, matrix) -> W_0 (I - P), ogpsa_target=update
+        # trained adapters at the last build: (layer, matrix) -> the rank-space directions its B may move in
+        # (`maths.adapter_space`), and B_0 (I - Q Q^T) for the update target
+        self.b_spaces: dict[tuple[int, int], LayerSpace] = {}
+        self._b_anchors: dict[tuple[int, int], torch.Tensor] = {}
         self._removed_sq = self._total_sq = 0.0
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -85,37 +93,57 @@ class NullSpace:
 
     # ---- build --------------------------------------------------------------------------------
     def build(self, ctx: BuildContext) -> dict[str, Any]:
-        self.check_lora_b(ctx.step)
-        self.spaces, self._anchors = [], {}  # free the old spaces before the covariances are made
-        self.spaces, tokens, plan = self._collect(ctx)
-        moved = self._constrain_lora()
+        trained = self.trained_adapters()
+        self.spaces, self._anchors, self.b_spaces, self._b_anchors = [], {}, {}, {}  # free the old state first
+        self.spaces, tokens, plan, grams = self._collect(ctx, trained)
+        moved = self._constrain_lora(trained)
+        self.b_spaces = {key: adapter_space(gram, rows, self.spaces[self.layers[key[0]].space].threshold)
+                         for key, (gram, rows) in grams.items()}
         event = self._build_event(moved, tokens)
         # the forward passes it took, and the bound on what it held at once (`activations.peak_bytes`)
         event.update({"passes": len(plan.passes),
                       "peak_bytes_bound": peak_bytes(plan, [sp.nbytes() for sp in self.spaces])})
+        if grams:  # trained adapters: the rank-space directions their B may still move in (`adapter_space`)
+            event.update({"lora_trained_layers": len(trained), "lora_b_free_dims": sum(
+                sp.null_dim for sp in self.b_spaces.values()), "lora_b_dims": sum(sp.dim for sp in self.b_spaces.values())})
         return event
 
-    def _collect(self, ctx: BuildContext):
+    def _collect(self, ctx: BuildContext, trained: set[int]):
+        """The null spaces; for the trained adapters' layers (`trained`), also A C A^T and A A^T of each A,
+        taken from the covariance C before it is freed (A whole: gathered under FSDP2, every rank alike)."""
         batch_size, bar = ctx.reference_pass("ogpsa null space")
         alpha, energy = self.settings.ogpsa_null_alpha, self.settings.ogpsa_null_energy
+        grams: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        order = iter(range(len(self.layers) + 1))  # input_spaces decomposes the spaces in order 0, 1, ...
 
         def decompose(cov):  # each covariance is freed as soon as its float64 copy exists
+            space = next(order)
+            for i in sorted(trained):
+                if self.layers[i].space == space:
+                    for j, a in enumerate(self.layers[i].matrices):
+                        whole = _whole(a).detach().float()
+                        grams[(i, j)] = ((whole @ cov) @ whole.T, whole @ whole.T)
             return build_space(cov, alpha, free_input=True, energy=energy)
 
         with bar:
-            return input_spaces(ctx.model, self.layers, ctx.refs, ctx.collator, batch_size, self.params[0].device,
-                                decompose, bar, even=self.layout.collective_forward)
+            spaces, tokens, plan = input_spaces(ctx.model, self.layers, ctx.refs, ctx.collator, batch_size,
+                                                self.params[0].device, decompose, bar,
+                                                even=self.layout.collective_forward)
+        return spaces, tokens, plan, grams
 
-    def _constrain_lora(self) -> float:
-        """LoRA: A <- A P, so B A x = 0 on the reference inputs' range whatever B becomes; returns the
-        norm removed (PEFT's random A has a part in that range, so it is > 0 at a stage's start).
+    def _constrain_lora(self, trained: set[int]) -> float:
+        """LoRA with B = 0 (a fresh adapter): A <- A P, so B A x = 0 on the reference inputs' range whatever
+        B becomes; returns the norm removed (PEFT's random A has a part in that range, so it is > 0 at a
+        stage's start).
 
-        Only while B = 0 (a fresh adapter): once B has moved, A <- A P would change B A x, the model's
-        function, on every input A's removed part reaches. A rebuild then (a resume whose checkpoint
-        has no usable null space, an adapter trained before this stage) is refused (`check_lora_b`)."""
+        Not for a trained adapter (`trained`: B has moved, at a scheduled rebuild, a resume without a saved
+        null space, or an adapter trained before this stage): A <- A P would change B A x, the model's
+        function. Its B A is kept as it is instead, and only its later changes are constrained: A's
+        gradient onto the new null space, B's onto the rank-space directions A does not carry into the
+        reference inputs' range (`maths.adapter_space`, `project_grad`)."""
         removed_sq = 0.0
-        for layer in self.layers:
-            if not _is_lora(layer):
+        for i, layer in enumerate(self.layers):
+            if not _is_lora(layer) or i in trained:
                 continue
             for a in layer.matrices:
                 with torch.no_grad():
@@ -125,20 +153,14 @@ class NullSpace:
             removed_sq = float(self.layout.reduce(total).item())
         return removed_sq**0.5
 
-    def check_lora_b(self, step: int) -> None:
-        """Refuse a build that would move a trained LoRA (see `_constrain_lora`)."""
+    def trained_adapters(self) -> set[int]:
+        """The constrained layers whose LoRA B is not zero (every rank agrees: one sum over the ranks'
+        rows of B when sharded)."""
         moved = torch.tensor([float(_is_lora(layer) and _lora_b_moved(layer)) for layer in self.layers],
                              dtype=torch.float64, device=self.params[0].device)
         if self.layout.sharded:  # each rank sees its rows of B: one sum, entered by every rank
             self.layout.reduce(moved)
-        for layer, flag in zip(self.layers, moved.tolist()):
-            if flag > 0:
-                raise OGPSAConfigError(
-                    f"ogpsa_method=null_space: {layer.name}'s LoRA B is not zero at step {step} (a "
-                    "trained adapter, or one not initialised with B = 0), and A <- A P would change the model's "
-                    "function; start from a fresh adapter or resume from a checkpoint of this run that holds its "
-                    "null space"
-                )
+        return {i for i, flag in enumerate(moved.tolist()) if flag > 0}
 
     def _build_event(self, moved: float, tokens: dict) -> dict[str, Any]:
         event: dict[str, Any] = {"method": "null_space"}
@@ -164,18 +186,27 @@ class NullSpace:
         return event
 
     # ---- the step -----------------------------------------------------------------------------
+    def _targets(self):
+        """(anchors dict, key, parameter, space) of every projected matrix: each constrained weight or
+        LoRA A with its layer's null space, each trained adapter's B with its rank-space directions."""
+        for i, layer in enumerate(self.layers):
+            for j, m in enumerate(layer.matrices):
+                yield self._anchors, (i, j), m, self.spaces[layer.space]
+        for (i, j), space in self.b_spaces.items():
+            yield self._b_anchors, (i, j), _lora_b(self.layers[i], j), space
+
     def project_grad(self, group: int, measure: bool) -> None:
-        """G <- G P for every constrained matrix; trainable biases of constrained layers get no step."""
+        """G <- G P for every constrained matrix (a trained adapter's B: onto its free directions);
+        trainable biases of constrained layers get no step."""
         removed_sq = total_sq = 0.0
         with torch.no_grad():
+            for _, _, m, space in self._targets():
+                if m.grad is None:
+                    continue
+                grad = _local(m.grad)  # FSDP2: this rank's rows, projected with the whole P
+                total_sq += float(grad.float().norm()) ** 2
+                removed_sq += project_rows_(grad, space) ** 2
             for layer in self.layers:
-                space = self.spaces[layer.space]
-                for m in layer.matrices:
-                    if m.grad is None:
-                        continue
-                    grad = _local(m.grad)  # FSDP2: this rank's rows, projected with the whole P
-                    total_sq += float(grad.float().norm()) ** 2
-                    removed_sq += project_rows_(grad, space) ** 2
                 for b in layer.frozen:
                     b.grad = None  # torch optimizers skip a parameter without a gradient (no decay either)
         if self.layout.sharded:  # the norms over every rank's rows (one two-number sum per step)
@@ -183,8 +214,8 @@ class NullSpace:
             removed_sq, total_sq = self.layout.reduce(sums).tolist()
         self._removed_sq, self._total_sq = removed_sq, total_sq
         if self.settings.ogpsa_target == "update" and not self._anchors:  # once per null space
-            self._anchors = {(i, j): anchor(_local(m), self.spaces[layer.space])
-                             for i, layer in enumerate(self.layers) for j, m in enumerate(layer.matrices)}
+            for anchors, key, m, space in list(self._targets()):
+                anchors[key] = anchor(_local(m), space)
 
     def grad_record(self) -> Optional[dict[str, float]]:
         total = self._total_sq**0.5
@@ -197,9 +228,8 @@ class NullSpace:
             return 0.0
         removed_sq = 0.0
         with torch.no_grad():
-            for i, layer in enumerate(self.layers):
-                for j, m in enumerate(layer.matrices):
-                    removed_sq += restore_(_local(m), self.spaces[layer.space], self._anchors[(i, j)]) ** 2
+            for anchors, key, m, space in self._targets():
+                removed_sq += restore_(_local(m), space, anchors[key]) ** 2
         if self.layout.sharded:  # over every rank's rows
             total = torch.tensor([removed_sq], dtype=torch.float64, device=self.params[0].device)
             removed_sq = float(self.layout.reduce(total).item())
@@ -208,13 +238,18 @@ class NullSpace:
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"spaces": [s.state_dict() for s in self.spaces], "layer_spaces": [la.space for la in self.layers],
-                "anchors": {f"{i}.{j}": t for (i, j), t in self._anchors.items()}}
+                "anchors": {f"{i}.{j}": t for (i, j), t in self._anchors.items()},
+                "b_spaces": {f"{i}.{j}": s.state_dict() for (i, j), s in self.b_spaces.items()},
+                "b_anchors": {f"{i}.{j}": t for (i, j), t in self._b_anchors.items()}}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.spaces = [LayerSpace.from_state_dict(s) for s in saved["spaces"]]
         for layer, space in zip(self.layers, saved["layer_spaces"]):
             layer.space = int(space)
-        self._anchors = {tuple(int(x) for x in k.split(".")): t for k, t in saved["anchors"].items()}
+        key = lambda k: tuple(int(x) for x in k.split("."))  # noqa: E731
+        self._anchors = {key(k): t for k, t in saved["anchors"].items()}
+        self.b_spaces = {key(k): LayerSpace.from_state_dict(s) for k, s in saved.get("b_spaces", {}).items()}
+        self._b_anchors = {key(k): t for k, t in saved.get("b_anchors", {}).items()}
 
     def reshard(self, states: list[dict], pieces: list[list[tuple[int, int]]], mine: list[tuple[int, int]],
                 device) -> dict[str, Any]:
@@ -224,7 +259,10 @@ class NullSpace:
         outside the null space every restored step has kept at W_0 (I - P) (to round-off)."""
         first = states[0]
         spaces = [{**sp, "vectors": sp["vectors"].to(device).contiguous()} for sp in first["spaces"]]
-        return {"spaces": spaces, "layer_spaces": list(first["layer_spaces"]), "anchors": {}}
+        b_spaces = {k: {**sp, "vectors": sp["vectors"].to(device).contiguous()}
+                    for k, sp in first.get("b_spaces", {}).items()}
+        return {"spaces": spaces, "layer_spaces": list(first["layer_spaces"]), "anchors": {}, "b_spaces": b_spaces,
+                "b_anchors": {}}
 
     def identity(self) -> dict[str, Any]:
         ident = {"layers": [la.name for la in self.layers], "null_alpha": self.settings.ogpsa_null_alpha}
@@ -238,6 +276,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     so whole rows), the tensor itself otherwise. In-place changes to it are changes to the parameter."""
     local = getattr(t, "_local_tensor", None)
     return t.data if local is None and isinstance(t, torch.nn.Parameter) else t if local is None else local
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter: an FSDP2 DTensor gathered (a collective: every rank calls it
+    for the same parameters in the same order), the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _lora_b(layer: ConstrainedLayer, j: int) -> torch.nn.Parameter:
+    """The B paired with the layer's j-th constrained A (the same adapter name)."""
+    names = [name for name, m in layer.module.lora_A.items()
+             if any(m.weight is a for a in layer.matrices)]
+    return layer.module.lora_B[names[j]].weight
 
 
 def _is_lora(layer: ConstrainedLayer) -> bool:
