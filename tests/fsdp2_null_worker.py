@@ -3,9 +3,9 @@
 The same tiny Qwen2 (full fine-tuning, or a LoRA adapter on every linear layer) twice: whole on
 every rank with its gradients averaged over the ranks as DDP does, and sharded with torch's own
 `fully_shard` (FSDP2). Both run the null-space constraint as the callback drives it: a build from
-the same reference samples (uneven: one rank runs a weight-0 top-up micro-batch), then two AdamW
+the same reference samples (uneven: one rank runs a weight-0 top-up micro-batch), then three AdamW
 steps on each rank's own training batch with the gradient projected before the step and the step
-restored after it. Rank 0 writes the null dimensions of both and the largest difference between
+restored after it, and a rebuild before the third (under LoRA, with B moved: `adapter_space`). Rank 0 writes the null dimensions of both and the largest difference between
 the sharded rows and the matching rows of the whole tensors.
 """
 
@@ -39,17 +39,25 @@ def load(model_dir: str, tuning: str):
 
 
 def run(model, refs, settings, vocab):
-    """Set up, build, and take two projected AdamW steps; returns (constraint, build record, params)."""
+    """Set up, build, take two projected AdamW steps, rebuild, take a third; returns (constraint, first
+    build's record with the rebuild's counts, params, layout, step records)."""
     params = [p for p in model.parameters() if p.requires_grad]
     layout = detect(model, None, params, settings)
     constraint = NullSpace(settings)
     constraint.setup(SetupContext(model, params, layout, dist.get_rank() == 0))
     passes = lambda label, sets=None: (2, tqdm(total=0, disable=True))  # noqa: E731
-    event = constraint.build(BuildContext(model, refs, collate, 0, dist.get_world_size(), dist.get_rank() == 0,
-                                          False, passes))
+
+    def build(step):
+        return constraint.build(BuildContext(model, refs, collate, step, dist.get_world_size(), dist.get_rank() == 0,
+                                             False, passes))
+
+    event = build(0)
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
     records = []
-    for step in range(2):
+    for step in range(3):
+        if step == 2:  # a rebuild with B moved under LoRA (its A C A^T from the whole A, gathered under FSDP2)
+            rebuilt = build(2)
+            event["rebuild"] = {k: rebuilt.get(k) for k in ("lora_trained_layers", "lora_b_free_dims", "null_dims")}
         batch = collate([sample(1000 + 10 * step + 4 * dist.get_rank() + i, vocab) for i in range(4)])
         model(**batch).loss.backward()
         if layout.engine == "ddp":  # what DDP's all-reduce does: the mean gradient on every rank
@@ -92,7 +100,7 @@ def main(model_dir: str, tuning: str, out: str) -> None:
     moved = max(float((a.detach() - b.detach()).abs().max()) for a, b in
                 zip(pw, [p for p in load(model_dir, tuning).parameters() if p.requires_grad]))
     if dist.get_rank() == 0:
-        keys = [k for k in ew if k.startswith(("null_dim/", "input_tokens/"))] + ["null_dims", "layers"]
+        keys = [k for k in ew if k.startswith(("null_dim/", "input_tokens/"))] + ["null_dims", "layers", "rebuild"]
         report = {"engine": [lw.engine, ls.engine], "build": [{k: ew[k] for k in keys}, {k: es[k] for k in keys}],
                   "lora_a_moved": [ew["lora_a_moved"], es["lora_a_moved"]], "weights": worst, "moved": moved,
                   "projector": projector, "records": [rw, rs]}
