@@ -43,6 +43,15 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape on every rank), in rank order; `[t]` without a process group."""
+    if world_size() == 1:
+        return [t]
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return out
+
+
 def all_ranks_agree(ok: bool, device) -> bool:
     """True only if `ok` on every data-parallel rank (one all-reduce; `ok` itself without a process group)."""
     if world_size() == 1:

@@ -7,7 +7,7 @@ ACCELERATE_USE_FSDP in the environment).
 
 Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
 FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, FSDP2 CPU offload,
-DoRA and ZeRO under the null-space method, DeepSpeed's bf16
+DoRA under the null-space method, DeepSpeed's bf16
 optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), partitions over a process group
 narrower than the world (MiCS, expert, sequence or tensor parallelism), FSDP1, `global`
 granularity under ZeRO (its groups are stepped one at a time), `pure_bf16` with
@@ -50,11 +50,6 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             "or set ogpsa_target: gradient"
         )
     config, fsdp = get("deepspeed"), get("fsdp")
-    if settings.ogpsa_method == "null_space" and config:
-        raise OGPSAConfigError(
-            f"{where}deepspeed: ogpsa_method=null_space runs on one process, DDP or FSDP2 (ZeRO's flat partitions "
-            "cut weight rows, and W P needs whole rows)"
-        )
     if settings.ogpsa_method == "null_space":
         _check_null_space_tuning(get, settings, where)
     if config:
@@ -198,8 +193,6 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
 
 
 def _check_method(layout: ShardLayout, settings: OGPSAArguments) -> ShardLayout:
-    if settings.ogpsa_method == "null_space" and layout.engine.startswith("zero"):
-        raise OGPSAConfigError(f"{layout.engine}: ogpsa_method=null_space runs on one process, DDP or FSDP2")
     return layout
 
 

@@ -141,14 +141,17 @@ def test_bad_null_space_settings_are_named(case):
     assert str(err.value).startswith("x.yaml: ") and "\n" not in str(err.value)
 
 
-def test_zero_is_refused_for_null_space_and_fsdp2_is_not():
+def test_zero_and_fsdp2_are_accepted_for_null_space_and_their_refusals_still_apply():
     from ogpsa.plugin.engines import check_arguments
     from ogpsa.plugin.settings import OGPSAConfigError, split_ogpsa_args
 
     settings, _ = split_ogpsa_args(null_keys())
-    with pytest.raises(OGPSAConfigError, match="ogpsa_method=null_space runs on one process, DDP or FSDP2"):
-        check_arguments({"deepspeed": {"zero_optimization": {"stage": 3}}}.get, settings)
+    for stage in (1, 2, 3):
+        check_arguments({"deepspeed": {"zero_optimization": {"stage": stage}}}.get, settings)
     check_arguments({"fsdp": "full_shard", "fsdp_config": {"version": 2}}.get, settings)
+    with pytest.raises(OGPSAConfigError, match="ZeRO offload|offload_optimizer"):
+        check_arguments({"deepspeed": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}}.get,
+                        settings)
 
 
 @pytest.mark.long  # kept out of the default suite's 15-minute budget

@@ -43,6 +43,65 @@ def test_alpha_zero_freezes_a_rank_deficient_layer():
     assert build_space(x.T @ x, 1e-6).null_dim == 48
 
 
+# ---- ZeRO's flat pieces ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["null", "range"])
+def test_flat_pieces_cut_anywhere_project_as_whole_rows(kind):
+    """A 5 x 7 matrix cut at elements 10, 12, 30 (row 1 spans three pieces, the last piece is inside one
+    row, one rank holds nothing): each piece projected, anchored and restored with the cut rows summed
+    over the pieces (as the ranks' all-reduce does) equals the whole-matrix operations."""
+    from ogpsa.plugin.methods.null_space.maths import (
+        RowCut,
+        anchor,
+        anchor_piece,
+        project_piece_,
+        restore_,
+        restore_piece_,
+        split_rows,
+    )
+
+    torch.manual_seed(0)
+    x = torch.randn(4 if kind == "null" else 2, 7)  # few inputs: a wide null space (stored as "null" basis)
+    space = build_space(x.T @ x, 1e-3)
+    if space.kind != kind:  # the narrower basis is stored: ask for the other one with more inputs
+        x = torch.randn(6, 7)
+        space = build_space(x.T @ x, 1e-3)
+    assert space.kind == kind
+    pieces = [(0, 10), (10, 12), (12, 30), (30, 30), (30, 35)]
+    cuts = [RowCut(7, a, b, split_rows(pieces, 7)) for a, b in pieces]
+    assert cuts[0].split == (1, 4)
+
+    def run(op, whole):
+        """op(flat, cut, reduce) on every piece; each reduce returns the sum of every piece's tensor in
+        that call (found by a first pass with the pieces' own tensors), as the all-reduce does."""
+        flats = [whole.reshape(-1)[a:b].clone() if b > a else None for a, b in pieces]
+        calls = []
+        for flat, cut in zip(flats, cuts):
+            mine = []
+            op(None if flat is None else flat.clone(), cut, lambda t, mine=mine: (mine.append(t.clone()), t)[1])
+            calls.append(mine)
+        totals = [sum(c[q] for c in calls) for q in range(len(calls[0]))]
+        outs = []
+        for n, (flat, cut) in enumerate(zip(flats, cuts)):
+            feed = iter([t.clone() for t in totals])
+            outs.append(op(flat, cut, lambda t: next(feed), n))
+        return torch.cat([f for f in flats if f is not None]).view_as(whole), outs
+
+    w = torch.randn(5, 7)
+    projected, removed = run(lambda f, c, r, n=0: project_piece_(f, c, space, r, "cpu"), w)
+    expected = w.clone()
+    whole_removed = project_rows_(expected, space)
+    assert torch.allclose(projected, expected, atol=1e-6)
+    assert sum(removed) == pytest.approx(whole_removed**2, rel=1e-5)
+
+    _, kept = run(lambda f, c, r, n=0: anchor_piece(f, c, space, r, "cpu"), w)
+    stepped = w + 0.1 * torch.randn(5, 7)
+    restored, _ = run(lambda f, c, r, n=0: restore_piece_(f, c, space, kept[n], r, "cpu"), stepped)
+    expected = stepped.clone()
+    restore_(expected, space, anchor(w, space))
+    assert torch.allclose(restored, expected, atol=1e-6)
+    assert not torch.allclose(restored, stepped, atol=1e-3)  # the step's range part was taken out
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 REFUSED = {
     "dora": ({"finetuning_type": "lora", "use_dora": True}, {}, "use_dora: ogpsa_method=null_space does not support"),

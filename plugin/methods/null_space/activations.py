@@ -106,7 +106,7 @@ def unconstrained_weights(model: torch.nn.Module, spec: str, layers: list[Constr
         if module is head or isinstance(module, torch.nn.Embedding) or _is_lora_child(name) or not _wanted(name, spec):
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and p.dim() >= 2 and id(p) not in covered:
+            if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in covered:  # ZeRO-3: whole shape
                 found.append(f"{name}.{pname}" if name else pname)
     return found
 

@@ -215,3 +215,105 @@ def restore_(weight: torch.Tensor, space: LayerSpace, kept: torch.Tensor) -> flo
     w.copy_(new.to(w.dtype))
     return removed
 
+
+
+# ---- flat partitions (DeepSpeed ZeRO) ------------------------------------------------------------
+@dataclass(frozen=True)
+class RowCut:
+    """Where this rank's piece of a (rows x d) matrix lies when the matrix is flattened and cut at
+    arbitrary elements (ZeRO's flat partitions): elements [start, stop) of the row-major matrix.
+
+    Such a piece holds whole rows, which project on their own, and at most a partial row at each end.
+    `split` lists the rows that any rank's piece cuts (the same tuple on every rank, from every rank's
+    piece: `split_rows`); their parts are summed over ranks into whole rows (zeros where a rank holds
+    nothing), projected whole by every rank alike, and each rank takes its part back.
+    """
+
+    d: int
+    start: int
+    stop: int
+    split: tuple[int, ...]
+
+    def whole(self) -> tuple[int, int, int]:
+        """(first, end, offset): the rows [first, end) this piece holds whole, from element `offset` of it."""
+        first = -(-self.start // self.d)
+        end = max(first, self.stop // self.d)
+        return first, end, first * self.d - self.start
+
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """(slot in `split`, first column, end column, offset in the piece) of each partial row held."""
+        if self.stop <= self.start:
+            return []
+        out = []
+        for row in sorted({self.start // self.d, (self.stop - 1) // self.d}):
+            lo, hi = max(self.start, row * self.d), min(self.stop, (row + 1) * self.d)
+            if hi - lo < self.d:
+                out.append((self.split.index(row), lo - row * self.d, hi - row * self.d, lo - self.start))
+        return out
+
+
+def split_rows(pieces: list[tuple[int, int]], d: int) -> tuple[int, ...]:
+    """The rows of a (rows x d) matrix that the ranks' pieces [start, stop) cut, in order."""
+    return tuple(sorted({b // d for start, stop in pieces if stop > start for b in (start, stop) if b % d}))
+
+
+def _whole_rows(flat: torch.Tensor, cut: RowCut) -> torch.Tensor | None:
+    first, end, offset = cut.whole()
+    return flat[offset : offset + (end - first) * cut.d].view(end - first, cut.d) if end > first else None
+
+
+def _gather_split(flat: torch.Tensor | None, cut: RowCut, reduce, device) -> torch.Tensor:
+    """The cut rows whole, on every rank: each rank's parts summed in float32 (one `reduce`, the same
+    shape on every rank, a rank holding none of the matrix included)."""
+    full = torch.zeros(len(cut.split), cut.d, dtype=torch.float32, device=device)
+    if flat is not None:
+        for slot, c0, c1, offset in cut.segments():
+            full[slot, c0:c1] = flat[offset : offset + c1 - c0].float()
+    return reduce(full)
+
+
+def _put_back(flat: torch.Tensor | None, cut: RowCut, full: torch.Tensor) -> float:
+    """Copy this rank's parts of the (projected) cut rows back; returns their squared change."""
+    changed = 0.0
+    if flat is not None:
+        for slot, c0, c1, offset in cut.segments():
+            part = flat[offset : offset + c1 - c0]
+            new = full[slot, c0:c1]
+            changed += float((part.float() - new).norm()) ** 2
+            part.copy_(new.to(part.dtype))
+    return changed
+
+
+def project_piece_(flat: torch.Tensor | None, cut: RowCut, space: LayerSpace, reduce, device) -> float:
+    """`project_rows_` on this rank's flat piece (None: it holds none); returns the squared norm removed
+    from its own elements (the ranks' parts add up to the matrix's)."""
+    removed = 0.0
+    rows = None if flat is None else _whole_rows(flat, cut)
+    if rows is not None:
+        removed += project_rows_(rows, space) ** 2
+    if cut.split:
+        full = _gather_split(flat, cut, reduce, device)
+        project_rows_(full, space)
+        removed += _put_back(flat, cut, full)
+    return removed
+
+
+def anchor_piece(flat: torch.Tensor | None, cut: RowCut, space: LayerSpace, reduce, device) -> tuple:
+    """`anchor` of this rank's whole rows, and of the cut rows whole (every rank keeps those)."""
+    rows = None if flat is None else _whole_rows(flat, cut)
+    kept_rows = anchor(rows, space) if rows is not None else None
+    kept_split = anchor(_gather_split(flat, cut, reduce, device), space) if cut.split else None
+    return kept_rows, kept_split
+
+
+def restore_piece_(flat: torch.Tensor | None, cut: RowCut, space: LayerSpace, kept: tuple, reduce, device) -> float:
+    """`restore_` on this rank's flat piece; returns the squared norm of its own elements' removed part."""
+    removed = 0.0
+    rows = None if flat is None else _whole_rows(flat, cut)
+    if rows is not None:
+        removed += restore_(rows, space, kept[0]) ** 2
+    if cut.split:
+        full = _gather_split(flat, cut, reduce, device)
+        restore_(full, space, kept[1])
+        removed += _put_back(flat, cut, full)
+    return removed

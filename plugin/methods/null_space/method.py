@@ -18,11 +18,15 @@ the inputs `activations.py`).
 Parameters outside the constrained layers (embeddings, norms, unconstrained linears) train as in a
 plain run; only the constrained layers' outputs on the reference inputs are held.
 
-Supported engines: one process, DDP and FSDP2. The covariances are summed over ranks, so every rank
-keeps the same null spaces (replicated: a d_in x k basis per input, not per weight). FSDP2 shards
-each weight by rows (dim 0), and (W P)'s rows are W's rows times P: each rank projects its own rows
-of the weight, its gradient and its anchor with no communication. ZeRO is refused before launch
-(`engines.check_arguments`): its flat partitions cut a weight's rows, and W P needs whole rows.
+Supported engines: one process, DDP, FSDP2 and ZeRO-1/2/3. The covariances are summed over ranks, so
+every rank keeps the same null spaces (replicated: a d_in x k basis per input, not per weight). (W P)'s
+rows are W's rows times P. FSDP2 shards each weight by rows (dim 0): each rank projects its own rows of
+the weight, its gradient and its anchor with no communication. ZeRO's flat partitions cut rows anywhere:
+each rank projects the rows its piece holds whole, and the rows a boundary cuts (at most one at each
+end of a piece) are summed over the ranks into whole rows, projected whole by every rank alike, and
+each rank takes its part back (`maths.RowCut`; every rank enters those sums with the same shapes,
+including a rank that holds none of the matrix). The ZeRO step hook calls this per optimizer group,
+on the float32 master partition, as for the gradient span.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, Optional
 
 import torch
 
+from ... import dist
 from ...constraint import BuildContext, SetupContext
 from ...settings import OGPSAArguments, OGPSAConfigError
 from ...sharding import Replicated, ShardLayout
@@ -41,7 +46,19 @@ from .activations import (
     peak_bytes,
     unconstrained_weights,
 )
-from .maths import LayerSpace, adapter_space, anchor, build_space, project_rows_, restore_
+from .maths import (
+    LayerSpace,
+    RowCut,
+    adapter_space,
+    anchor,
+    anchor_piece,
+    build_space,
+    project_piece_,
+    project_rows_,
+    restore_,
+    restore_piece_,
+    split_rows,
+)
 
 
 class NullSpace:
@@ -63,12 +80,14 @@ class NullSpace:
         self.b_spaces: dict[tuple[int, int], LayerSpace] = {}
         self._b_anchors: dict[tuple[int, int], torch.Tensor] = {}
         self._removed_sq = self._total_sq = 0.0
+        # ZeRO's flat partitions: parameter -> its index in `params`, and each projected matrix's `RowCut`
+        self._index: dict[int, int] = {}
+        self._cuts: Optional[dict[int, RowCut]] = None
+        self._biases: dict[int, Optional[torch.Tensor]] = {}  # ZeRO: frozen biases' master pieces, put back per step
 
     # ---- set-up -------------------------------------------------------------------------------
     def supports(self, layout: ShardLayout) -> Optional[str]:
-        if layout.engine.startswith("zero"):
-            return f"{layout.engine}: ogpsa_method=null_space runs on one process, DDP or FSDP2"
-        return None
+        return None  # whole rows (one process, DDP), row shards (FSDP2), or flat pieces cut anywhere (ZeRO)
 
     def setup(self, ctx: SetupContext) -> None:
         self.params, self.layout = ctx.params, ctx.layout
@@ -87,6 +106,25 @@ class NullSpace:
                 "experts or routers train: use LoRA on the linear layers (experts frozen) or ogpsa_method: "
                 "gradient_span"
             )
+        self._index = {id(p): k for k, p in enumerate(self.params)}
+        if self.layout.steps_inside_engine:  # ZeRO: pieces cut rows anywhere
+            self._cuts = self._row_cuts()
+
+    def _row_cuts(self) -> dict[int, RowCut]:
+        """Each projected matrix's `RowCut` (its LoRA B's too), from every rank's pieces (one all-gather at
+        set-up, entered by every rank)."""
+        pieces = torch.tensor([[self.layout.piece(k).start, self.layout.piece(k).stop] for k in range(len(self.params))],
+                              dtype=torch.int64, device=self.params[0].device)
+        every = [t.tolist() for t in dist.all_gather(pieces)]
+        mats = [m for layer in self.layers for m in layer.matrices]
+        mats += [_lora_b(layer, j) for layer in self.layers if _is_lora(layer) for j in range(len(layer.matrices))]
+        cuts = {}
+        for m in mats:
+            k = self._index[id(m)]
+            d = int(getattr(m, "ds_shape", m.shape)[-1])
+            piece = self.layout.piece(k)
+            cuts[k] = RowCut(d, piece.start, piece.stop, split_rows([tuple(e[k]) for e in every], d))
+        return cuts
 
     def ready(self) -> bool:
         return bool(self.spaces)
@@ -103,6 +141,8 @@ class NullSpace:
         # the forward passes it took, and the bound on what it held at once (`activations.peak_bytes`)
         event.update({"passes": len(plan.passes),
                       "peak_bytes_bound": peak_bytes(plan, [sp.nbytes() for sp in self.spaces])})
+        if self._cuts is not None:  # ZeRO: rows the partitions cut, projected whole after a sum over ranks
+            event["split_rows"] = sum(len(c.split) for c in self._cuts.values())
         if grams:  # trained adapters: the rank-space directions their B may still move in (`adapter_space`)
             event.update({"lora_trained_layers": len(trained), "lora_b_free_dims": sum(
                 sp.null_dim for sp in self.b_spaces.values()), "lora_b_dims": sum(sp.dim for sp in self.b_spaces.values())})
@@ -147,11 +187,30 @@ class NullSpace:
                 continue
             for a in layer.matrices:
                 with torch.no_grad():
-                    removed_sq += project_rows_(_local(a), self.spaces[layer.space]) ** 2
+                    if self._cuts is None:
+                        removed_sq += project_rows_(_local(a), self.spaces[layer.space]) ** 2
+                    else:
+                        removed_sq += self._constrain_zero(a, self.spaces[layer.space])
         if self.layout.sharded:  # each rank moved its own rows of A: the norm is over all of them
             total = torch.tensor([removed_sq], dtype=torch.float64, device=self.params[0].device)
             removed_sq = float(self.layout.reduce(total).item())
         return removed_sq**0.5
+
+    def _constrain_zero(self, a: torch.nn.Parameter, space: LayerSpace) -> float:
+        """A <- A P under ZeRO: on this rank's piece of the float32 master and on the weights the forward
+        reads (ZeRO-1/2: the whole bit16 parameter; ZeRO-3: this rank's bit16 piece)."""
+        k, device = self._index[id(a)], self.params[0].device
+        cut = self._cuts[k]
+        master = self.layout.weights(self.layout.group_of(k))[k]
+        removed = project_piece_(master, cut, space, self.layout.reduce, device)
+        if hasattr(a, "ds_tensor"):
+            held = a.ds_tensor.view(-1)[: cut.stop - cut.start] if cut.stop > cut.start else None
+            project_piece_(held, cut, space, self.layout.reduce, device)
+            if a.data.numel() == a.ds_numel:  # a persistent parameter (below stage3_param_persistence_threshold):
+                project_rows_(a.data.view(-1, cut.d), space)  # the forward reads its whole copy, not the pieces
+        else:
+            project_rows_(a.data.view(-1, cut.d), space)
+        return removed
 
     def trained_adapters(self) -> set[int]:
         """The constrained layers whose LoRA B is not zero (every rank agrees: one sum over the ranks'
@@ -197,43 +256,100 @@ class NullSpace:
 
     def project_grad(self, group: int, measure: bool) -> None:
         """G <- G P for every constrained matrix (a trained adapter's B: onto its free directions);
-        trainable biases of constrained layers get no step."""
+        trainable biases of constrained layers get no step. Under ZeRO, once per optimizer group, on the
+        group's pieces of the float32 gradient partition."""
+        if self._cuts is not None:
+            self._project_grad_zero(group)
+        else:
+            removed_sq = total_sq = 0.0
+            with torch.no_grad():
+                for _, _, m, space in self._targets():
+                    if m.grad is None:
+                        continue
+                    grad = _local(m.grad)  # FSDP2: this rank's rows, projected with the whole P
+                    total_sq += float(grad.float().norm()) ** 2
+                    removed_sq += project_rows_(grad, space) ** 2
+                for layer in self.layers:
+                    for b in layer.frozen:
+                        b.grad = None  # torch optimizers skip a parameter without a gradient (no decay either)
+            self._add_norms(removed_sq, total_sq)
+        if self.settings.ogpsa_target == "update" and not self._anchors:  # once per null space
+            for anchors, key, m, space in list(self._targets()):
+                anchors[key] = self._anchor(m, space)
+
+    def _project_grad_zero(self, group: int) -> None:
+        layout, device = self.layout, self.params[0].device
+        grads = layout.grads(group)
         removed_sq = total_sq = 0.0
         with torch.no_grad():
             for _, _, m, space in self._targets():
-                if m.grad is None:
+                k = self._index[id(m)]
+                if layout.group_of(k) != group:
                     continue
-                grad = _local(m.grad)  # FSDP2: this rank's rows, projected with the whole P
-                total_sq += float(grad.float().norm()) ** 2
-                removed_sq += project_rows_(grad, space) ** 2
+                flat = grads[k]
+                if flat is not None:
+                    total_sq += float(flat.float().norm()) ** 2
+                removed_sq += project_piece_(flat, self._cuts[k], space, layout.reduce, device)
+            # a bias a ZeRO group holds cannot be skipped by its optimizer: no gradient, and its value put
+            # back after the step (weight decay would move it)
+            weights = layout.weights(group)
             for layer in self.layers:
                 for b in layer.frozen:
-                    b.grad = None  # torch optimizers skip a parameter without a gradient (no decay either)
-        if self.layout.sharded:  # the norms over every rank's rows (one two-number sum per step)
+                    k = self._index[id(b)]
+                    if layout.group_of(k) == group and grads[k] is not None:
+                        grads[k].zero_()
+                        self._biases.setdefault(k, weights[k].detach().clone())
+        self._add_norms(removed_sq, total_sq)
+
+    def _add_norms(self, removed_sq: float, total_sq: float) -> None:
+        if self.layout.sharded:  # the norms over every rank's rows (one two-number sum per call)
             sums = torch.tensor([removed_sq, total_sq], dtype=torch.float64, device=self.params[0].device)
             removed_sq, total_sq = self.layout.reduce(sums).tolist()
-        self._removed_sq, self._total_sq = removed_sq, total_sq
-        if self.settings.ogpsa_target == "update" and not self._anchors:  # once per null space
-            for anchors, key, m, space in list(self._targets()):
-                anchors[key] = anchor(_local(m), space)
+        self._removed_sq += removed_sq
+        self._total_sq += total_sq
+
+    def _anchor(self, m: torch.nn.Parameter, space: LayerSpace):
+        if self._cuts is None:
+            return anchor(_local(m), space)
+        k = self._index[id(m)]
+        flat = self.layout.weights(self.layout.group_of(k))[k]
+        return anchor_piece(flat, self._cuts[k], space, self.layout.reduce, self.params[0].device)
 
     def grad_record(self) -> Optional[dict[str, float]]:
         total = self._total_sq**0.5
-        return {"grad_norm": total, "removed_fraction": (self._removed_sq**0.5) / total if total > 0 else 0.0}
+        record = {"grad_norm": total, "removed_fraction": (self._removed_sq**0.5) / total if total > 0 else 0.0}
+        self._removed_sq = self._total_sq = 0.0
+        return record
 
     def project_step(self, group: int) -> float:
         """ogpsa_target=update: take the part of the optimizer's step outside the null space back out;
         returns its squared norm."""
+        if self._cuts is not None:
+            self._put_back_biases(group)
         if self.settings.ogpsa_target != "update" or not self._anchors:
             return 0.0
         removed_sq = 0.0
+        layout, device = self.layout, self.params[0].device
+        weights = layout.weights(group) if self._cuts is not None else None
         with torch.no_grad():
             for anchors, key, m, space in self._targets():
-                removed_sq += restore_(_local(m), space, anchors[key]) ** 2
+                if self._cuts is None:
+                    removed_sq += restore_(_local(m), space, anchors[key]) ** 2
+                    continue
+                k = self._index[id(m)]
+                if layout.group_of(k) == group:
+                    removed_sq += restore_piece_(weights[k], self._cuts[k], space, anchors[key], layout.reduce, device)
         if self.layout.sharded:  # over every rank's rows
             total = torch.tensor([removed_sq], dtype=torch.float64, device=self.params[0].device)
             removed_sq = float(self.layout.reduce(total).item())
         return removed_sq
+
+    def _put_back_biases(self, group: int) -> None:
+        weights = self.layout.weights(group)
+        with torch.no_grad():
+            for k, kept in self._biases.items():
+                if self.layout.group_of(k) == group and weights[k] is not None:
+                    weights[k].copy_(kept)
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -273,14 +389,22 @@ class NullSpace:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a parameter or gradient: the local shard of an FSDP2 DTensor (sharded on dim 0,
-    so whole rows), the tensor itself otherwise. In-place changes to it are changes to the parameter."""
+    so whole rows), the tensor itself otherwise (ZeRO-3: this rank's flat piece, for reading). In-place
+    changes to it are changes to the parameter."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
     local = getattr(t, "_local_tensor", None)
     return t.data if local is None and isinstance(t, torch.nn.Parameter) else t if local is None else local
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter: an FSDP2 DTensor gathered (a collective: every rank calls it
-    for the same parameters in the same order), the tensor itself otherwise."""
+    """The whole tensor of a parameter: an FSDP2 DTensor or a ZeRO-3 parameter gathered (a collective:
+    every rank calls it for the same parameters in the same order), the tensor itself otherwise."""
+    if hasattr(t, "ds_tensor"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
