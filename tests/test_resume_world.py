@@ -108,3 +108,23 @@ def test_sharded_state_is_recut_for_one_process_or_refused(tiny, tmp_path, tmp_p
     assert code == 2, log[-3000:]
     assert "resume on 2 ranks under zero2 with every rank's file, or set ogpsa_save_basis: false" in log
     assert not (out / "checkpoint-4").exists()
+
+
+def test_sharded_null_space_state_is_recut_for_one_process(tiny, tmp_path, tmp_path_factory):
+    """The null space under ZeRO-3 on 2 ranks (each rank's file: the replicated null spaces and its rows'
+    anchors) resumed on 1 process: the null spaces are taken, the anchors taken again from the restored
+    weights, and the run equals the uninterrupted one; no rebuild at the resume step."""
+    path = tmp_path_factory.mktemp("ds") / "z3.json"
+    path.write_text(json.dumps(deepspeed_config(3)))
+    keys = null_keys()  # built once: a fresh build at the resume step would change the run
+    whole, _, _ = _run(tiny, tmp_path, "whole", 2, deepspeed=str(path), **keys)
+    assert sorted(p.name for p in (whole / "checkpoint-2" / "ogpsa").iterdir()) == ["rank0-of-2.pt", "rank1-of-2.pt"]
+    one, log, _ = _run(tiny, tmp_path, "one", 1, resume=whole / "checkpoint-2", **keys)
+    assert "re-cut from 2 ranks' pieces under zero3 to this run's ddp pieces" in log
+    reference = load_state(whole)
+    update = _gap(reference, load_state(tiny["model"]))
+    gap = _gap(reference, load_state(one))
+    ulp = torch.finfo(torch.float32).eps * max(float(v.float().abs().max()) for v in reference.values())
+    print(f"null space zero3 on 2 ranks -> 1 process vs uninterrupted {gap:.2e} (update {update:.2e}, ulp {ulp:.1e})")
+    assert gap <= max(1e-5 * update, 8 * ulp)
+    assert [r["step"] for r in ogpsa_log(one) if r.get("event") == "rebuild"] == []
