@@ -3,7 +3,8 @@
 The callback owns what every method shares: the schedule (build at step 0, every
 `ogpsa_refresh_steps`, follow-ups, resume from a checkpoint), the trainer slots (including the ZeRO
 `_optimizer_step` wrap), logging (ogpsa_log.jsonl and the trainer's metrics) and checkpoint I/O.
-What a method does at each slot is its constraint's: `gradient_span.py`, `null_space.py`.
+What a method does at each slot is its constraint's: `methods/gradient_span/method.py`,
+`methods/null_space/method.py`.
 
 The training order of one optimizer step, written down once here (DESIGN.md repeats it):
 
@@ -56,6 +57,7 @@ logger = get_logger("llamafactory.ogpsa")
 
 LOG_FILE = "ogpsa_log.jsonl"
 METRIC_PREFIX = "ogpsa/"
+SHARDED_ENGINES = ("zero1", "zero2", "zero3", "fsdp2")
 
 
 class OGPSACallback(TrainerCallback):
@@ -206,24 +208,27 @@ class OGPSACallback(TrainerCallback):
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
-        """Save this rank's constraint state and the step it was built at with the checkpoint
-        (nothing with ogpsa_save_basis: false; the resumed run rebuilds instead)."""
+        """Save the constraint state and the step it was built at with the checkpoint (nothing with
+        ogpsa_save_basis: false; the resumed run rebuilds instead): rank 0's one copy when replicated,
+        each rank's piece when sharded (`checkpoint.py`)."""
         if not self.constraint.ready() or not self.settings.ogpsa_save_basis:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        payload = {**self._state_identity(args), "built_at_step": self.built_at_step, "rebuilds": self.rebuilds,
-                   **self.constraint.state_dict()}
-        if args.process_index == self._state_owner(args):
-            checkpoint.save(folder, args.process_index, args.world_size, payload)
+        payload = {**self._state_identity(), **self._state_layout(args), "built_at_step": self.built_at_step,
+                   "rebuilds": self.rebuilds, **self.constraint.state_dict()}
+        if self.layout.sharded or args.process_index == 0:
+            checkpoint.save(folder, args.process_index, args.world_size, payload, replicated=not self.layout.sharded)
 
     def _restore(self, args, state) -> bool:
-        """Take the state from the checkpoint being resumed (True), or say why not and rebuild (False)."""
+        """Take the state from the checkpoint being resumed (True), or say why not and rebuild (False).
+
+        A replicated state resumes on any number of processes; a sharded one is re-cut to this run's
+        pieces when its layout differs (`checkpoint.py`), or stops the run when it cannot be."""
         folder = args.resume_from_checkpoint
         if not (isinstance(folder, str) and os.path.isdir(folder)):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         device = self.params[0].device
-        saved, why = checkpoint.load(folder, self._state_owner(args), args.world_size, device,
-                                     self._state_identity(args))
+        saved, why = self._read_state(folder, args, device)
         if not dist.all_ranks_agree(saved is not None, device):
             if state.is_world_process_zero:
                 logger.warning(f"ogpsa: resuming at step {state.global_step} with a fresh subspace: "
@@ -232,25 +237,87 @@ class OGPSACallback(TrainerCallback):
         self.built_at_step, self.rebuilds = saved["built_at_step"], saved["rebuilds"]
         self.constraint.load_state_dict(saved)
         if state.is_world_process_zero:
-            logger.info(f"ogpsa: resumed the subspace built at step {self.built_at_step} from {folder}")
+            logger.info(f"ogpsa: resumed the subspace built at step {self.built_at_step} from {folder}"
+                        + (f" ({saved['resharded']})" if saved.get("resharded") else ""))
         return True
 
-    def _state_owner(self, args) -> int:
-        """Whose file this rank saves and loads: its own piece when sharded, else rank 0's copy
-        (replicated ranks hold the same state; one copy on disk, not one per rank)."""
-        return args.process_index if self.layout.sharded else 0
+    def _read_state(self, folder: str, args, device) -> tuple[Optional[dict], str]:
+        """This rank's state from `folder`, read as saved or re-cut to this run's layout (None, why: none
+        there, or saved under other settings)."""
+        found = checkpoint.find(folder)
+        if found is None:
+            return None, f"no {checkpoint.FOLDER}/ state in {folder}"
+        mine = self._state_layout(args)
+        first, why = checkpoint.read(found.paths[0], device, mmap=not found.replicated)
+        if first is None:
+            return None, why
+        why = checkpoint.mismatch(first, self._state_identity(), found.paths[0])
+        if why:
+            return None, why
+        if first.get("format") == 1:
+            first = self._legacy_layout(first, found, mine, folder)
+        if not (found.replicated or first["engine"] in SHARDED_ENGINES):  # a format-1 replicated copy
+            found = checkpoint.Saved(found.paths[:1], 1, True)
+            first = self._legacy_layout(checkpoint.read(found.paths[0], device)[0], found, mine, folder)
+        if first["full_numels"] != mine["full_numels"]:
+            return None, (f"{found.paths[0]} holds parameters of {sum(first['full_numels'])} elements in "
+                          f"{len(first['full_numels'])} tensors, this run trains {sum(mine['full_numels'])} in "
+                          f"{len(mine['full_numels'])}")
+        if found.replicated and not self.layout.sharded:
+            return first, ""  # whole parameters, as this run holds them
+        same = (not found.replicated and found.world_size == args.world_size and first["engine"] == mine["engine"])
+        if same:
+            own, why = checkpoint.read(found.paths[args.process_index], device)
+            if own is not None and own.get("format") == 1:
+                own = self._legacy_layout(own, found, mine, folder)
+            if own is not None and own["pieces"] == mine["pieces"]:
+                return own, ""
+        return self._reshard(found, first, mine, folder, device), ""
 
-    def _state_identity(self, args) -> dict[str, Any]:
-        """What a saved state must share with this run to be valid here."""
+    def _reshard(self, found, first: dict, mine: dict, folder: str, device) -> dict:
+        """This rank's state cut from every saved rank's pieces (`Constraint.reshard`)."""
+        states = [first]
+        for path in found.paths[1:]:
+            state, why = checkpoint.read(path, device, mmap=True)
+            if state is None:
+                raise OGPSAConfigError(
+                    f"ogpsa: {folder} holds the constraint state of {found.world_size} ranks under {first['engine']}, "
+                    f"and {why}: resume on {found.world_size} ranks under {first['engine']} with every rank's file, "
+                    "or set ogpsa_save_basis: false to rebuild")
+            states.append(state if state.get("format") != 1 else self._legacy_layout(state, found, mine, folder))
+        pieces = [[tuple(p) for p in s["pieces"]] for s in states]
+        cut = self.constraint.reshard(states, pieces, [tuple(p) for p in mine["pieces"]], device)
+        what = f"re-cut from {found.describe()} under {first['engine']} to this run's {mine['engine']} pieces"
+        return {**cut, "built_at_step": first["built_at_step"], "rebuilds": first["rebuilds"], "resharded": what}
+
+    def _legacy_layout(self, state: dict, found, mine: dict, folder: str) -> dict:
+        """A format-1 file: pieces are known only for a replicated state (whole parameters)."""
+        if state.get("engine") in SHARDED_ENGINES:
+            if found.world_size == mine["world_size"] and state["engine"] == mine["engine"]:
+                return {**state, "pieces": mine["pieces"], "full_numels": mine["full_numels"]}  # laid out as saved
+            raise OGPSAConfigError(
+                f"ogpsa: {folder} holds a {state['engine']} constraint state of {found.world_size} ranks saved without "
+                f"its pieces (an older release), which cannot be re-cut: resume on {found.world_size} ranks under "
+                f"{state['engine']}, or set ogpsa_save_basis: false to rebuild")
+        numels = list(state.get("local_numels") or mine["full_numels"])
+        return {**state, "pieces": [[0, n] for n in numels], "full_numels": numels}
+
+    def _state_identity(self) -> dict[str, Any]:
+        """What a saved state must share with this run to be valid here (its layout aside)."""
         s = self.settings
         return {
             "method": s.ogpsa_method,
-            "world_size": args.world_size,
-            "engine": self.layout.engine,
             "reference": list(s.reference_names),
             "reference_samples": s.ogpsa_reference_samples,
             **self.constraint.identity(),
         }
+
+    def _state_layout(self, args) -> dict[str, Any]:
+        """Where this rank's state lives: the engine, its world, and the piece of every parameter."""
+        pieces = [self.layout.piece(i) for i in range(len(self.params))]
+        return {"world_size": args.world_size, "engine": self.layout.engine,
+                "pieces": [[p.start, p.stop] for p in pieces],
+                "full_numels": [self.layout.full_numel(i) for i in range(len(self.params))]}
 
     # ---- the step -----------------------------------------------------------------------------
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

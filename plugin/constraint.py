@@ -17,6 +17,9 @@ I/O. It calls a constraint in this order:
     project_step(group) -> x2   per group, after optimizer.step(): the squared norm it removed
     state_dict() / load_state_dict(saved) / identity()   checkpoint payload and what a saved one
                                 must share with this run to be used on resume
+    reshard(states, pieces, mine, device) -> saved   on resume under another layout (world size,
+                                engine): this rank's state for `load_state_dict`, cut to its pieces
+                                `mine` from every saved rank's state and pieces (`checkpoint.py`)
 
 A method is one module holding one class with these members, plus one line in `REGISTRY`.
 """
@@ -33,8 +36,8 @@ from .settings import OGPSAArguments, OGPSAConfigError
 
 # ogpsa_method -> "module:class" of its constraint (imported on first use).
 REGISTRY = {
-    "gradient_span": "gradient_span:GradientSpan",
-    "null_space": "null_space:NullSpace",
+    "gradient_span": "methods.gradient_span.method:GradientSpan",
+    "null_space": "methods.null_space.method:NullSpace",
 }
 
 
@@ -90,6 +93,9 @@ class Constraint(Protocol):
     def load_state_dict(self, saved: dict[str, Any]) -> None: ...
 
     def identity(self) -> dict[str, Any]: ...
+
+    def reshard(self, states: list[dict[str, Any]], pieces: list[list[tuple[int, int]]],
+                mine: list[tuple[int, int]], device) -> dict[str, Any]: ...
 
 
 def make(settings: OGPSAArguments) -> Constraint:

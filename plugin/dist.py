@@ -2,7 +2,7 @@
 
 Every function works without a process group (one process: rank 0 of 1, sums are no-ops), so the
 maths and the callback call them unconditionally. Each collective is entered by every rank with the
-same shapes; callers keep that promise (see `reference.py` for ranks that hold no reference batch).
+same shapes; callers keep that promise (see `reference.shard_batches` for ranks that hold no reference batch).
 """
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     sharded layouts (only called there, i.e. inside a process group)."""
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape on every rank), in rank order; `[t]` without a process group."""
+    if world_size() == 1:
+        return [t]
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return out
 
 
 def all_ranks_agree(ok: bool, device) -> bool:

@@ -7,7 +7,7 @@ ACCELERATE_USE_FSDP in the environment).
 
 Supported: one process, DDP, DeepSpeed ZeRO-1/2/3 (optimizer and parameters on the accelerator),
 FSDP2. Refused, each with its reason: ZeRO stage 0 (use DDP), ZeRO offload, FSDP2 CPU offload,
-DoRA and LoRA rebuilds (ogpsa_refresh_steps > 0) under the null-space method, DeepSpeed's bf16
+DoRA under the null-space method, DeepSpeed's bf16
 optimizer (ZeRO-1 with bf16 and fp32 gradient accumulation), partitions over a process group
 narrower than the world (MiCS, expert, sequence or tensor parallelism), FSDP1, `global`
 granularity under ZeRO (its groups are stepped one at a time), `pure_bf16` with
@@ -57,11 +57,6 @@ def check_arguments(get: Callable[[str], Any], settings: OGPSAArguments, where: 
             raise OGPSAConfigError(f"{where}{e}") from None
         return
     config, fsdp = get("deepspeed"), get("fsdp")
-    if settings.ogpsa_method == "null_space" and (config or fsdp):
-        raise OGPSAConfigError(
-            f"{where}{'deepspeed' if config else 'fsdp'}: ogpsa_method=null_space runs on one process or DDP "
-            "(ZeRO's flat partitions cut weight rows, and W P needs whole rows; FSDP2 is not wired up)"
-        )
     if settings.ogpsa_method == "null_space":
         _check_null_space_tuning(get, settings, where)
     if config:
@@ -87,11 +82,6 @@ def _check_null_space_tuning(get: Callable[[str], Any], settings: OGPSAArguments
         raise OGPSAConfigError(
             f"{where}use_dora: ogpsa_method=null_space does not support DoRA (its magnitude vector rescales every "
             "output, on the reference inputs too); use plain LoRA"
-        )
-    if settings.refresh_steps > 0:
-        raise OGPSAConfigError(
-            f"{where}ogpsa_refresh_steps: ogpsa_method=null_space under LoRA builds once (0): a rebuild's A <- A P "
-            "after B has moved would change the model's function; set ogpsa_refresh_steps: 0 or use full fine-tuning"
         )
 
 
@@ -210,8 +200,6 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
 
 
 def _check_method(layout: ShardLayout, settings: OGPSAArguments) -> ShardLayout:
-    if settings.ogpsa_method == "null_space" and layout.sharded:
-        raise OGPSAConfigError(f"{layout.engine}: ogpsa_method=null_space runs on one process or DDP only")
     return layout
 
 

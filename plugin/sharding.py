@@ -1,6 +1,6 @@
 """Where this rank's piece of every trainable parameter lives, for each training engine.
 
-The projection (`projection.py`) works on lists of flat tensors, one per trainable parameter, and
+The gradient span's projection (`methods/gradient_span/maths.py`) works on lists of flat tensors, one per trainable parameter, and
 an optional `reduce` that completes inner products across ranks. A `ShardLayout` supplies both:
 
 - `Replicated` (one process, DDP): every rank holds whole parameters and the averaged `.grad`;
@@ -72,6 +72,9 @@ class ShardLayout:
     def full_numel(self, i: int) -> int:
         return self.params[i].numel()
 
+    def group_of(self, i: int) -> int:
+        return 0
+
     def weights(self, group: int = 0) -> GroupViews:
         """Flat views of this rank's master weights, aligned with `params` (None: not in `group`)."""
         return [p.detach().view(-1) for p in self.params]
@@ -136,6 +139,7 @@ class _FlatPartitionLayout(ShardLayout):
         self.flats = flats
         self._pieces = [Piece(0, 0)] * len(params)
         self._full = [0] * len(params)
+        self._group = [0] * len(params)  # the optimizer group of parameter i, whether or not this rank holds a piece
         # (group, offset in the group's flat partition) of parameter i's local piece
         self._where: list[tuple[int, int] | None] = [None] * len(params)
 
@@ -144,8 +148,12 @@ class _FlatPartitionLayout(ShardLayout):
         return list(range(len(self.flats)))
 
     def _place(self, i: int, group: int, offset: int, piece: Piece, full: int) -> None:
-        self._pieces[i], self._full[i] = piece, full
+        self._pieces[i], self._full[i], self._group[i] = piece, full, group
         self._where[i] = (group, offset) if piece.numel else None
+
+    def group_of(self, i: int) -> int:
+        """The optimizer group (`groups`) parameter i belongs to, on every rank."""
+        return self._group[i]
 
     def piece(self, i: int) -> Piece:
         return self._pieces[i]

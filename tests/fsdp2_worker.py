@@ -16,8 +16,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
 from ogpsa.plugin.engines import detect
-from ogpsa.plugin.projection import BasisBuilder, project_, project_change_, span_coordinates
-from ogpsa.plugin.reference import ReferenceSet, reference_gradients, sharded_reference_gradients
+from ogpsa.plugin.methods.gradient_span.maths import BasisBuilder, project_, project_change_, span_coordinates
+from ogpsa.plugin.methods.gradient_span.gradients import reference_gradients, sharded_reference_gradients
+from ogpsa.plugin.reference import ReferenceSet
 from ogpsa.plugin.settings import OGPSAArguments
 
 

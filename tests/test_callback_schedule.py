@@ -171,7 +171,7 @@ def test_resume_takes_the_saved_state_and_truncates_the_log(tmp_path):
     assert [r["step"] for r in _log(tmp_path) if r.get("event")] == [0, 3, 6]
 
     folder = tmp_path / "checkpoint-4"
-    assert (folder / "ogpsa" / "rank0-of-1.pt").is_file()
+    assert (folder / "ogpsa" / "replicated.pt").is_file()
     resumed, args, state = _callback(tmp_path, refresh=3, resume=str(folder), step=4)
     assert resumed.constraint.builds == [(0, False), (3, False)]  # restored, not rebuilt
     assert resumed.built_at_step == 3 and resumed.rebuilds == 2

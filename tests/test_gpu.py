@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import REFS, base_config, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
 
-from ogpsa.plugin.projection import build_basis, project_, residual_cosines
+from ogpsa.plugin.methods.gradient_span.maths import build_basis, project_, residual_cosines
 
 CUDA = torch.cuda.is_available()
 REHEARSAL = os.environ.get("GPU_REHEARSAL") == "cpu"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("plugin", "pipelines", "data_prep")
 # Run as a script by torchrun (its folder on sys.path), so it imports the installed package by name.
 SCRIPTS = {"ogpsa.pipelines.integration.worker.ogpsa_lf_worker"}
-MATHS = {"ogpsa.plugin.projection", "ogpsa.plugin.nullspace"}
+MATHS = {"ogpsa.plugin.methods.gradient_span.maths", "ogpsa.plugin.methods.null_space.maths"}
 # Entry points of the `ogpsa` command may start the integration layer above them.
 ENTRIES = {"ogpsa.pipelines", "ogpsa.pipelines.cli"}
 # Standard-library-only helpers that data_prep shares with the training side (one copy of each).
@@ -70,7 +70,7 @@ def _edges() -> dict[str, set[str]]:
 def test_the_graph_is_read():
     graph = _edges()
     assert "ogpsa.plugin.preflight" in graph["ogpsa.plugin.callback"]
-    assert "ogpsa.plugin.projection" in graph["ogpsa.plugin.gradient_span"]
+    assert "ogpsa.plugin.methods.gradient_span.maths" in graph["ogpsa.plugin.methods.gradient_span.method"]
     assert "ogpsa.plugin.files" in graph["ogpsa.pipelines.recipe"]
 
 

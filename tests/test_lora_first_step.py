@@ -3,7 +3,7 @@
 import pytest
 from helpers import REFS, assert_projection_logged, ogpsa_keys, ogpsa_log, reference_losses
 
-from ogpsa.plugin.gradient_span import followup_after
+from ogpsa.plugin.methods.gradient_span.method import followup_after
 
 LORA = {"finetuning_type": "lora", "lora_target": "all", "lora_rank": 4, "optim": "sgd", "max_grad_norm": 0.0,
         "learning_rate": 0.2, "max_steps": 6}

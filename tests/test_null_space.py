@@ -141,14 +141,17 @@ def test_bad_null_space_settings_are_named(case):
     assert str(err.value).startswith("x.yaml: ") and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("engine", [{"deepspeed": "ds.json"}, {"fsdp": "full_shard", "fsdp_config": {"version": 2}}])
-def test_sharded_engines_are_refused_for_null_space(engine):
+def test_zero_and_fsdp2_are_accepted_for_null_space_and_their_refusals_still_apply():
     from ogpsa.plugin.engines import check_arguments
     from ogpsa.plugin.settings import OGPSAConfigError, split_ogpsa_args
 
     settings, _ = split_ogpsa_args(null_keys())
-    with pytest.raises(OGPSAConfigError, match="ogpsa_method=null_space runs on one process or DDP"):
-        check_arguments(engine.get, settings)
+    for stage in (1, 2, 3):
+        check_arguments({"deepspeed": {"zero_optimization": {"stage": stage}}}.get, settings)
+    check_arguments({"fsdp": "full_shard", "fsdp_config": {"version": 2}}.get, settings)
+    with pytest.raises(OGPSAConfigError, match="ZeRO offload|offload_optimizer"):
+        check_arguments({"deepspeed": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}}.get,
+                        settings)
 
 
 @pytest.mark.long  # kept out of the default suite's 15-minute budget
@@ -184,3 +187,19 @@ def test_null_space_dpo_with_lora(tiny, tmp_path):
         assert float((a @ rows.T).norm()) <= bound * (1 + 1e-4) + 1e-6 * float(rows.norm()), name
     history = [r for r in log_history(out) if "loss" in r]
     assert all("ogpsa/removed_fraction" in r for r in history)
+
+
+@pytest.mark.long  # one CLI run; test_null_space_scale checks the rebuild's maths in the default suite
+def test_lora_null_space_rebuilds_through_the_command_line(tiny, tmp_path):
+    """ogpsa_refresh_steps > 0 under LoRA: stock `llamafactory-cli train` rebuilds at step 2 with B moved,
+    keeps the adapter as it is there and constrains its B to the logged free directions."""
+    out = tmp_path / "out"
+    keys = {"finetuning_type": "lora", "lora_target": "all", "max_steps": 4, "learning_rate": 1e-2,
+            "optim": "adamw_torch", **null_keys(ogpsa_refresh_steps=2, ogpsa_null_layers="all_linear")}
+    run_cli(base_config(tiny, out, **keys), tmp_path / "run")
+    rebuilds = [r for r in ogpsa_log(out) if r.get("event") == "rebuild"]
+    assert [r["step"] for r in rebuilds] == [0, 2]
+    assert rebuilds[0]["lora_a_moved"] > 0 and "lora_trained_layers" not in rebuilds[0]
+    assert rebuilds[1]["lora_a_moved"] == 0.0 and rebuilds[1]["lora_trained_layers"] > 0
+    assert 0 < rebuilds[1]["lora_b_free_dims"] <= rebuilds[1]["lora_b_dims"]
+    assert [r["step"] for r in ogpsa_log(out) if "removed_fraction" in r] == [1, 2, 3, 4]

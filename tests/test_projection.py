@@ -5,8 +5,8 @@ import doctest
 import pytest
 import torch
 
-from ogpsa.plugin import projection
-from ogpsa.plugin.projection import (
+from ogpsa.plugin.methods.gradient_span import maths as projection
+from ogpsa.plugin.methods.gradient_span.maths import (
     BasisBuilder,
     NonFiniteGradient,
     SubspaceBasis,

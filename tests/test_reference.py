@@ -6,7 +6,8 @@ import torch
 
 from helpers import tiny_lm
 
-from ogpsa.plugin.reference import ReferenceSet, reference_gradients
+from ogpsa.plugin.methods.gradient_span.gradients import reference_gradients
+from ogpsa.plugin.reference import ReferenceSet
 
 
 def _sets(gen: torch.Generator) -> list[ReferenceSet]:

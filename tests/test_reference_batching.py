@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import TORCHRUN, base_config, ogpsa_keys, ogpsa_log, run_cli, tiny_lm
 
-from ogpsa.plugin.reference import ReferenceSet, plan_batches, reference_gradients
+from ogpsa.plugin.methods.gradient_span.gradients import reference_gradients
+from ogpsa.plugin.reference import ReferenceSet, plan_batches
 
 # lengths in tokens of real reference sets at cutoff 512 (GSM8K 134-414, Alpaca 38-512, HHH 46-512)
 SPREADS = {"gsm8k": (134, 414), "alpaca": (38, 512), "hhh": (46, 512)}

@@ -41,7 +41,7 @@ def _attempt(whole, out, last: int = 6):
 def test_resume_equals_uninterrupted_run(tiny, tmp_path, whole):
     cfg = base_config(tiny, None, **SIX_STEPS)
     saved = sorted(p.name for p in (whole / "checkpoint-3" / "ogpsa").iterdir())
-    assert saved == ["rank0-of-1.pt"]
+    assert saved == ["replicated.pt"]
 
     resumed = _attempt(whole, tmp_path / "resumed")
     proc = run_cli({**cfg, "output_dir": str(resumed), "resume_from_checkpoint": str(resumed / "checkpoint-3")},
@@ -96,7 +96,7 @@ def test_checkpoints_without_the_basis_resume_with_a_rebuild(tiny, tmp_path):
     run_cli({**cfg, "output_dir": str(full)}, tmp_path / "run_full")
     run_cli({**cfg, "output_dir": str(slim), "ogpsa_save_basis": False}, tmp_path / "run_slim")
     numel = sum(t.numel() for t in load_state(full).values())
-    saved = full / "checkpoint-2" / "ogpsa" / "rank0-of-1.pt"
+    saved = full / "checkpoint-2" / "ogpsa" / "replicated.pt"
     size = saved.stat().st_size
     print(f"basis file {size} bytes for {numel} trainable parameters and 3 reference sets ({size / numel:.2f} B each)")
     basis_bytes = next(r for r in ogpsa_log(full) if r.get("event") == "rebuild")["basis_bytes"]

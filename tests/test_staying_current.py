@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import REFS, base_config, ogpsa_log, reference_losses, run_cli
 
-from ogpsa.plugin.projection import BasisBuilder, SubspaceBasis, build_basis, project_
+from ogpsa.plugin.methods.gradient_span.maths import BasisBuilder, SubspaceBasis, build_basis, project_
 
 SHAPES = [(7, 5), (11,), (3, 4, 2), (1,)]
 

@@ -40,7 +40,7 @@ SPECTRUM = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.25, 0.0]
 def test_energy_protects_the_fewest_directions_that_hold_the_fraction(energy, protected):
     """The protected dimension is the minimal k whose top-k eigenvalue sum reaches the fraction; the
     null space is spanned by the other eigenvectors and holds the rest of the energy."""
-    from ogpsa.plugin.nullspace import build_space, project_rows_
+    from ogpsa.plugin.methods.null_space.maths import build_space, project_rows_
 
     c, q = spectrum_matrix(SPECTRUM)
     space = build_space(c, alpha=5e-5, energy=energy)
@@ -60,7 +60,7 @@ def test_energy_protects_the_fewest_directions_that_hold_the_fraction(energy, pr
 def test_energy_one_protects_the_whole_range_and_no_more():
     """Inputs of rank 5 in 16 dimensions: energy 1 protects those 5 directions (every reference input's
     layer output is kept exactly), not the 11 round-off eigenvalues no input reaches."""
-    from ogpsa.plugin.nullspace import build_space, project_rows_
+    from ogpsa.plugin.methods.null_space.maths import build_space, project_rows_
 
     g = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
@@ -147,7 +147,7 @@ def split_basis(tiny, r: int):
     from transformers import AutoModelForCausalLM
 
     from ogpsa.plugin.constraint import BuildContext, SetupContext
-    from ogpsa.plugin.gradient_span import GradientSpan
+    from ogpsa.plugin.methods.gradient_span.method import GradientSpan
     from ogpsa.plugin.settings import split_ogpsa_args
     from ogpsa.plugin.sharding import Replicated
 
@@ -192,7 +192,7 @@ def test_directions_per_set_span_every_group_gradient(tiny):
     """r = 2: each set's samples are split in two disjoint groups; the basis holds 2 x 3 directions per
     tensor, a projected gradient is orthogonal to every group's gradient (recomputed here), and r = 1
     is the unsplit basis, one direction per set."""
-    from ogpsa.plugin.projection import project_
+    from ogpsa.plugin.methods.gradient_span.maths import project_
 
     span, model, params, groups, collator = split_basis(tiny, 2)
     assert [g.name for g in groups] == [f"{n}#{i}" for n in REFS for i in (0, 1)]

@@ -131,6 +131,9 @@ class TimedConstraint:
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
 
+    def reshard(self, states, pieces, mine, device) -> dict[str, Any]:
+        return self.inner.reshard(states, pieces, mine, device)
+
     def _timed(self, call: str, fn, *args):
         # In place: CUDA events on the GPU, so nothing extra is synchronised inside the step; a step's
         # calls are summed per call in `Recorder.step_done`.

@@ -1,5 +1,5 @@
 """`ogpsa_method: gradient_span` (OGPSA): the constraint that removes from every step its component
-along the reference sets' gradients (the maths is `projection.py`, the gradients `reference.py`).
+along the reference sets' gradients (the maths is `maths.py`, the gradients `gradients.py`).
 
     build                the reference sets' NLL gradients at the current weights, orthonormalised
                          into a `SubspaceBasis` (streaming Gram-Schmidt into the basis rows)
@@ -21,9 +21,14 @@ from typing import Any, Optional
 import torch
 from llamafactory.extras.logging import get_logger
 
-from . import dist
-from .constraint import BuildContext, SetupContext
-from .projection import (
+from ... import dist
+from ...checkpoint import cut as checkpoint_cut
+from ...constraint import BuildContext, SetupContext
+from ...reference import ReferenceDataError, split_groups
+from ...settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
+from ...sharding import Replicated, ShardLayout
+from .gradients import reference_gradients, sharded_reference_gradients
+from .maths import (
     MODES,
     BasisBuilder,
     NonFiniteGradient,
@@ -34,9 +39,6 @@ from .projection import (
     project_change_,
     span_coordinates,
 )
-from .reference import ReferenceDataError, reference_gradients, sharded_reference_gradients, split_groups
-from .settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
-from .sharding import Replicated, ShardLayout
 
 logger = get_logger("llamafactory.ogpsa")
 
@@ -214,10 +216,30 @@ class GradientSpan:
         self._coords = dict(saved["coords"])
         self.followup_due, self._still_zero = saved["followup_due"], set(saved["still_zero"])
 
+    def reshard(self, states: list[dict], pieces: list[list[tuple[int, int]]], mine: list[tuple[int, int]],
+                device) -> dict[str, Any]:
+        """This rank's state from every saved rank's (`states`, each with its `pieces`): each parameter's
+        basis rows are cut to this rank's piece (`mine`) from the saved pieces that cover it; the rest
+        of the basis (coordinates, norms, names) is replicated. U theta of the update target is left out:
+        its parameter groups belong to the saved engine, and `project_grad` notes it again from the
+        restored weights, where projected steps have kept it (to round-off)."""
+        first = states[0]["basis"]
+        directions = []
+        for i, (start, stop) in enumerate(mine):
+            parts = [(p[i][0], p[i][1], s["basis"]["directions"][i]) for s, p in zip(states, pieces) if p[i][1] > p[i][0]]
+            rows = first["directions"][i].shape[0]
+            if stop > start:
+                directions.append(checkpoint_cut(parts, start, stop).to(device).contiguous())
+            else:
+                directions.append(first["directions"][i].new_zeros((rows, 0), device=device))
+        basis = {**first, "directions": directions, "coords": [c.to(device) for c in first["coords"]],
+                 "ref_norms": first["ref_norms"].to(device)}
+        return {"basis": basis, "coords": {}, "followup_due": states[0]["followup_due"],
+                "still_zero": states[0]["still_zero"]}
+
     def identity(self) -> dict[str, Any]:
         s = self.settings
-        ident = {"local_numels": [t.numel() for t in self.layout.like()], "granularity": s.ogpsa_granularity,
-                 "basis_dtype": s.ogpsa_basis_dtype}
+        ident = {"granularity": s.ogpsa_granularity, "basis_dtype": s.ogpsa_basis_dtype}
         if s.ogpsa_directions_per_set != 1:  # absent at the default: older checkpoints still match
             ident["directions_per_set"] = s.ogpsa_directions_per_set
         if not s.ogpsa_keep_previous:

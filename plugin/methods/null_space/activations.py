@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dist import all_reduce_sum
-from .reference import ReferenceSet, forked_rng, shard_batches, token_counts
-from .settings import OGPSAConfigError
+from ...dist import all_reduce_sum
+from ...reference import ReferenceSet, forked_rng, shard_batches, token_counts
+from ...settings import OGPSAConfigError
 
 # Module-name parts that mark a feed-forward block across common architectures (Llama, Qwen, Mistral,
 # Gemma: `mlp`; Falcon/GPT-NeoX: `mlp`; InternLM and others: `feed_forward`; some: `ffn`).
@@ -106,7 +106,7 @@ def unconstrained_weights(model: torch.nn.Module, spec: str, layers: list[Constr
         if module is head or isinstance(module, torch.nn.Embedding) or _is_lora_child(name) or not _wanted(name, spec):
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and p.dim() >= 2 and id(p) not in covered:
+            if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in covered:  # ZeRO-3: whole shape
                 found.append(f"{name}.{pname}" if name else pname)
     return found
 

@@ -1,0 +1,1 @@
+"""`ogpsa_method: gradient_span` (OGPSA): see `method.py`."""

@@ -1,0 +1,1 @@
+"""`ogpsa_method: null_space` (NSPO): see `method.py`."""
