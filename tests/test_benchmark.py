@@ -103,6 +103,8 @@ def test_quick_benchmark_times_both_methods(quick_run):
             prof = og["profile"]
             assert prof["state_on_grad_device"] and prof["state_tensors"] > 0 and prof["large_copies"] == 0
             assert prof["ok"]
+            # the same step's projection after optimizer.step (update target) is profiled too
+            assert og["profile_step"]["state_on_grad_device"] and og["profile_step"]["large_copies"] == 0
             phases = [(b["phase"], b["step"]) for b in og["rebuilds"]]
             assert ("train", 0) in phases and ("end", 4) in phases  # the first build; the one timed after training
             assert all(_finite_positive(b["seconds"]) for b in og["rebuilds"])
@@ -219,3 +221,4 @@ def test_timed_run_trains_as_the_stage_integration_does(tiny, tmp_path, method):
     assert [s["step"] for s in rec.steps] == [1, 2, 3]
     assert all(s["project_grad_s"] > 0 and s["project_step_s"] > 0 for s in rec.steps[:2])
     assert rec.steps[2]["project_grad_s"] is None and rec.profile["ok"]
+    assert rec.steps[2]["project_step_s"] is None and rec.profile_step["events"] > 0  # profiled, not timed

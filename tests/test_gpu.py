@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REFS, base_config, log_history, ogpsa_keys, ogpsa_log, reference_losses, run_cli
+from helpers import (ALPHA, MLP, REFS, base_config, load_state, log_history, null_energy, null_keys, ogpsa_keys,
+                     ogpsa_log, reference_inputs, reference_losses, run_cli)
 
 from ogpsa.plugin.methods.gradient_span.maths import build_basis, project_, residual_cosines
 
@@ -135,6 +136,56 @@ def test_fsdp1_refused_with_one_line(tiny, tmp_path):
     assert not out.exists()
 
 
+# --- 2b. the null space under ZeRO-3 and FSDP2: each MLP linear's outputs on the reference inputs kept ------
+
+NULL_RUN = {"optim": "adamw_torch", "learning_rate": 1e-3, "max_steps": 4, "max_grad_norm": 0.0}
+
+
+def null_space_check(tiny, tmp_path, label: str, env=None, **engine) -> None:
+    """A plain and a null-space SFT run (AdamW, default update target) of one engine: every MLP linear's
+    change, applied to the reference inputs, stays within the null-space bound (plus the saved weights'
+    rounding in bf16), plain moves those outputs more than twice as far, and the safety loss falls."""
+    import torch
+
+    x = reference_inputs(tiny, MLP)
+    start = load_state(Path(tiny["model"]))
+    outs = {}
+    for kind, keys in (("plain", {"stage": "sft"}), ("null", null_keys())):
+        outs[kind] = tmp_path / kind
+        run_cli(base_config(tiny, outs[kind], **PRECISION, **NULL_RUN, **keys, **engine), tmp_path / f"run_{kind}", env=env)
+    after = {k: load_state(v) for k, v in outs.items()}
+    rounding = 2.0 ** -8 if CUDA else 1e-6  # bf16 weights saved on CUDA: one rounding of W0 + dW per entry
+    worst = []
+    for name in MLP:
+        w0 = start[f"{name}.weight"].double()
+        dw = after["null"][f"{name}.weight"].double() - w0
+        dw_plain = after["plain"][f"{name}.weight"].double() - w0
+        moved = float((dw @ x[name].T).norm())
+        bound = float(torch.linalg.matrix_norm(dw, ord=2)) * null_energy(x[name], ALPHA) ** 0.5
+        scale = float((w0 @ x[name].T).norm())
+        worst.append({"layer": name, "moved": moved, "bound": bound, "plain_moved": float((dw_plain @ x[name].T).norm()),
+                      "scale": scale})
+    events = [r for r in ogpsa_log(outs["null"]) if r.get("event") == "rebuild"]
+    losses = [h["loss"] for h in log_history(outs["null"]) if "loss" in h]
+    record(label, engine=events[0].get("engine") if events else None, layers=worst, losses=losses,
+           null_dims=events[0].get("null_dims") if events else None)
+    assert events and events[0]["method"] == "null_space" and 0 < events[0]["null_dims"] < events[0]["input_dims"]
+    assert losses[-1] < losses[0] - 0.1, losses
+    for w in worst:
+        assert w["moved"] <= w["bound"] * (1 + 1e-3) + rounding * w["scale"], w
+        assert w["plain_moved"] > 2 * w["moved"], w
+
+
+def test_null_space_zero3_one_gpu(tiny, tmp_path):
+    extra = {} if CUDA else {"ddp_backend": "gloo"}
+    null_space_check(tiny, tmp_path, "null_space_zero3", env=ONE_RANK, deepspeed=str(Z3_CONFIG), **extra)
+
+
+@needs_cuda
+def test_null_space_fsdp2_one_gpu(tiny, tmp_path):
+    null_space_check(tiny, tmp_path, "null_space_fsdp2", env=ONE_RANK, **FSDP2)
+
+
 # --- 3. first-order checks on the tiny model in bf16, one process ------------------------------------------
 
 @pytest.mark.parametrize("workflow", ["sft", "dpo"])
@@ -165,6 +216,33 @@ def test_projection_on_cuda(dtype, tol, granularity):
     worst = max(abs(c) for c in residual_cosines(g, refs))
     record("projection_on_cuda", dtype=str(dtype), granularity=granularity, worst_cos_after=worst)
     assert worst < tol
+
+
+@needs_cuda
+def test_null_space_projection_reads_nothing_back():
+    """The null space's per-step transforms on CUDA: no HtoD copy, and at most one DtoH read each (the
+    removed norm the log records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ogpsa.plugin.methods.null_space.maths import anchor, build_space, project_rows_, restore_
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(512, 896, generator=gen, device="cuda")
+    space = build_space(x.T @ x, ALPHA)
+    g = torch.randn(4864, 896, generator=gen, device="cuda")
+    w = torch.randn(4864, 896, generator=gen, device="cuda")
+    project_rows_(g, space)  # warm-up
+    torch.cuda.synchronize()
+    counts = {}
+    for name, call in (("project_rows_", lambda: project_rows_(g, space)),
+                       ("anchor+restore_", lambda: restore_(w, space, anchor(w, space)))):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        counts[name] = {"htod": sum("Memcpy HtoD" in n for n in names), "dtoh": sum("Memcpy DtoH" in n for n in names)}
+    record("null_space_host_device_copies", **counts)
+    assert all(c["htod"] == 0 and c["dtoh"] <= 1 for c in counts.values()), counts
 
 
 @needs_cuda

@@ -42,6 +42,8 @@ class Recorder:
         self.builds: list[dict] = []  # {"step", "seconds", "phase", "followup"}
         self.build_fields: dict = {}  # the last build's fields of the "rebuild" log record
         self.profile: Optional[dict] = None
+        self.profile_step: Optional[dict] = None  # the same step's project_step under the profiler (update target)
+        self.profile_step_now = False
         self.grad_device = None
         self.tokens_real: Any = 0  # a device tensor once counted: read once, at the end (no sync per step)
         self.tokens_padded = 0
@@ -113,6 +115,7 @@ class TimedConstraint:
             rec.profile_now = False
             rec.profile = profile_call(lambda: self.inner.project_grad(group, measure), rec.device, rec.grad_device,
                                        self.inner.state_dict)
+            rec.profile_step_now = True  # and the step projection after optimizer.step, if the target has one
             return
         self._timed("project_grad", self.inner.project_grad, group, measure)
 
@@ -120,6 +123,13 @@ class TimedConstraint:
         return self.inner.grad_record()
 
     def project_step(self, group: int) -> float:
+        rec = self.recorder
+        if rec.profile_step_now:  # the profiled step's other host reads: those of the step projection
+            rec.profile_step_now = False
+            result: dict = {}
+            rec.profile_step = profile_call(lambda: result.setdefault("removed", self.inner.project_step(group)),
+                                            rec.device, rec.grad_device, self.inner.state_dict)
+            return result["removed"]
         return self._timed("project_step", self.inner.project_step, group)
 
     def state_dict(self) -> dict[str, Any]:

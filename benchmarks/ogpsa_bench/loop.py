@@ -163,6 +163,7 @@ def one_run(opts, model_dir: str, data_dir: str, pair: str, method: str | None, 
             "rebuild_end_s": rec.extra.get("rebuild_end_s"),
             "raw_fwd_bwd_s": rec.extra.get("raw_s"),
             "profile": rec.profile,
+            "profile_step": rec.profile_step,
         })
         for key in ("raw_pass", "basis_bytes", "state_bytes", "state_dtypes", "build", "trainable_numel",
                     "largest_tensor_numel", "trainable_tensors", "ref_batches", "ref_tokens", "ref_input_tokens",

@@ -96,12 +96,23 @@ def _row(raw: dict, size: str, pair: str, method: str, reps: list[dict], steps: 
         "state_mb": first["state_bytes"] / 2**20 if first.get("state_bytes") is not None else None,
         "trainable_numel": first.get("trainable_numel"),
         "no_copy": all((r[method]["profile"] or {}).get("ok", False) for r in ok),
+        "dtoh_per_step": _dtoh(first),
     })
     row.update(_per_token(ok, method, reb))
     row.update(_memory_bound(row, first))
     row["pass_projection"] = row["projection_pct"] is not None and row["projection_pct"] <= TARGET_PROJ_PCT
     row["pass_rebuild"] = row["rebuild_ratio"] is not None and row["rebuild_ratio"] <= TARGET_REBUILD_RATIO
     return row
+
+
+def _dtoh(result: dict) -> dict | None:
+    """Device-to-host reads (CUDA `Memcpy DtoH` events) of the profiled step: its gradient projection and,
+    with the `update` target, its step projection; None where the profiler saw no CUDA (CPU)."""
+    grad, step = result.get("profile") or {}, result.get("profile_step") or {}
+    if "memcpy_dtoh" not in grad or not str(grad.get("grad_device", "")).startswith("cuda"):
+        return None
+    return {"project_grad": grad["memcpy_dtoh"], "project_step": step.get("memcpy_dtoh"),
+            "total": grad["memcpy_dtoh"] + (step.get("memcpy_dtoh") or 0)}
 
 
 def _amortised_note(method: str, K: int, steps: int) -> str:
@@ -202,6 +213,12 @@ def markdown(raw: dict, rows: list[dict]) -> str:
             seen.add(note)
             notes.append(f"- amortised: {note}.")
     notes.append(f"- no H/D copy: {raw.get('copy_check_method') or '-'}.")
+    reads = [f"{r['size']} {r['stage']} {r['method']}: {d['total']} ({d['project_grad']} in the gradient projection, "
+             f"{d['project_step'] if d['project_step'] is not None else 'no'} in the step projection)"
+             for r in rows if (d := r.get("dtoh_per_step"))]
+    if reads:
+        notes.append("- device-to-host reads in one profiled step (CUDA Memcpy DtoH): " + "; ".join(reads)
+                     + ". Each projection reads its few statistics (removed norms, cosines) back once, for the log.")
     passes = sorted({(r["method"], r["raw_pass"]) for r in rows if r.get("raw_pass")})
     if passes:
         notes.append("- raw pass: the bare passes a build needs over the same reference batches: "
