@@ -11,12 +11,16 @@
 #   install      the carried wheels (.gpu_wheels/) and this project into python3's environment, offline
 #   facts        device, driver, versions, the runtime's requirement check and imports
 #   zero3        ogpsa_sft and ogpsa_dpo through stock llamafactory-cli under ZeRO-3 (recipes/ds_z3_config.json),
-#                bf16 mixed precision with float32 master weights, one GPU, against the plain runs
-#   fsdp         FSDP2 end to end through accelerate (sft, dpo); FSDP1 refused with its one line
-#   bf16         the tiny model's first-order checks in bf16 on one process; the projection's CUDA checks
+#                bf16 mixed precision with float32 master weights, one GPU, against the plain runs; the null
+#                space's SFT under ZeRO-3 (each MLP linear's outputs on the reference inputs within its bound)
+#   fsdp         FSDP2 end to end through accelerate (sft, dpo, the null space's sft); FSDP1 refused
+#   bf16         the tiny model's first-order checks in bf16 on one process; both methods' CUDA transforms
+#                (residuals, host/device copies)
 #   bench_500m_update, bench_500m_gradient, bench_1500m
-#                plain vs OGPSA step time, rebuild and peak memory against plain + basis + one tensor of
-#                scratch, Qwen2.5-0.5B (then 1.5B) shape with random weights, 4 x 1024 tokens x 4 accumulation
+#                plain vs each method's step time (the gradient span and, in bench_500m_update, the null
+#                space), rebuild, device-to-host reads per step, and peak memory against plain + the
+#                constraint's state + one tensor of scratch; Qwen2.5-0.5B (then 1.5B) shape with random
+#                weights, 4 x 1024 tokens x 4 accumulation, at the default schedule
 #
 # Everything lands under $OUT in at most 6 files (the device tool returns 8): summary.md (also printed at
 # the end), manifest.json (device facts and every part's status, seconds and reason), checks.json (what
@@ -24,7 +28,7 @@
 # (every log, JUnit file and bench.md). They are rewritten after each part, so a run cut short keeps
 # what finished.
 #
-# Settings (environment): OUT; GPU_BUDGET_S (seconds for all parts: 420 on a GPU, 1500 in the rehearsal);
+# Settings (environment): OUT; GPU_BUDGET_S (seconds for all parts: 470 on a GPU, 1800 in the rehearsal);
 # GPU_PARTS (comma-separated subset, in the order above); GPU_CAP_<part> (one part's cap in seconds; a cap
 # under 25 s skips the part); GPU_WHEELS (default .gpu_wheels); GPU_PYTHON (default python3);
 # GPU_WORK (scratch, default /tmp/ogpsa_gpu_work); GPU_FAIL_PART=<part> plants a failure in that part
@@ -41,16 +45,16 @@ PARTS=${GPU_PARTS:-$ALL_PARTS}
 MIN_START=25  # a part is not started with less time than this left
 RESERVE=10    # kept back for the final collection
 case "$REHEARSAL" in
-  "") BUDGET=${GPU_BUDGET_S:-420} ;;
-  cpu) BUDGET=${GPU_BUDGET_S:-1500}
+  "") BUDGET=${GPU_BUDGET_S:-470} ;;
+  cpu) BUDGET=${GPU_BUDGET_S:-1800}
        export CUDA_VISIBLE_DEVICES="" ;;  # the CPU path, also on a machine that has a GPU
   *) echo "gpu_session: GPU_REHEARSAL takes 'cpu' or nothing" >&2; exit 2 ;;
 esac
 if [ -z "$REHEARSAL" ]; then
-  declare -A CAP=([install]=90 [facts]=45 [zero3]=170 [fsdp]=110 [bf16]=110
-                  [bench_500m_update]=170 [bench_500m_gradient]=130 [bench_1500m]=240)
+  declare -A CAP=([install]=90 [facts]=45 [zero3]=200 [fsdp]=140 [bf16]=110
+                  [bench_500m_update]=200 [bench_500m_gradient]=110 [bench_1500m]=240)
 else
-  declare -A CAP=([install]=180 [facts]=90 [zero3]=420 [fsdp]=150 [bf16]=300
+  declare -A CAP=([install]=180 [facts]=90 [zero3]=660 [fsdp]=150 [bf16]=300
                   [bench_500m_update]=240 [bench_500m_gradient]=240 [bench_1500m]=240)
 fi
 START=$(date +%s)
@@ -299,15 +303,14 @@ pytest_part() {  # pytest_part NAME -k EXPRESSION
     --junitxml='$WORK/junit/$1.xml'"
 }
 
-bench_part() {  # bench_part NAME SIZE TARGET
+bench_part() {  # bench_part NAME SIZE TARGET METHODS
   local args
   if [ -z "$REHEARSAL" ]; then
     args="--device cuda --sizes $2 --batch 4 --seq-len 1024 --grad-accum 4 --warmup 2 --steps 5 --ref-samples 100"
   else  # same code path, sizes a shared 2-core machine runs in a minute
     args="--device cpu --sizes 10m --batch 2 --seq-len 32 --grad-accum 2 --warmup 1 --steps 1 --ref-samples 2"
   fi
-  # gradient_span only: the caps were sized for it; null_space's builds on the GPU are not sized yet
-  part "$1" "'$PY' benchmarks/run.py $args --target $3 --methods gradient_span --stages sft,dpo --repeats 1 \
+  part "$1" "'$PY' benchmarks/run.py $args --target $3 --methods $4 --stages sft,dpo --repeats 1 \
     --rebuild-repeats 1 --out '$WORK/bench/$1' --assets '$WORK/bench/_assets'"
 }
 
@@ -319,9 +322,10 @@ part facts "'$PY' '$WORK/facts.py' '$WORK/facts.json'"
 pytest_part zero3 "zero3"
 pytest_part fsdp "fsdp"
 pytest_part bf16 "not zero3 and not fsdp"
-bench_part bench_500m_update 500m update
-bench_part bench_500m_gradient 500m gradient
-bench_part bench_1500m 1.5b update
+# the null space in the first only: its step time and one build (a forward over the reference sets) at 0.5B
+bench_part bench_500m_update 500m update gradient_span,null_space
+bench_part bench_500m_gradient 500m gradient gradient_span
+bench_part bench_1500m 1.5b update gradient_span
 collect final
 failed=$(grep -c '"status": "\(failed\|timeout\)"' "$WORK/parts.jsonl" 2>/dev/null)
 [ "${failed:-0}" -eq 0 ]
