@@ -44,6 +44,14 @@ GROUPS = {
     "span4": ["ogpsa_directions_per_set=4", "ogpsa_refresh_steps=2", "ogpsa_keep_previous=false"],
     "energy": ["ogpsa_method=null_space", "ogpsa_null_energy=0.9"],      # GPM's energy threshold instead of alpha
     "refresh2": ["ogpsa_refresh_steps=2"],  # the gradient span's best schedule on the quickstart's sweep
+    # issue 35: the two constraints composed (the null space at NSPO's alpha and by energy 0.5), at the span's
+    # defaults (every 5 steps, the previous rebuild's directions kept)
+    "composed": ["ogpsa_method=gradient_span+null_space"],
+    "composed_energy": ["ogpsa_method=gradient_span+null_space", "ogpsa_null_energy=0.5"],
+    # rotation at today's reference tokens per run (a full read every 5 steps is a half every 2.5): half the
+    # samples every 2 steps (1.25x today's tokens, 6 rows as today), a quarter every step (1.25x, 12 rows)
+    "rotate2": ["ogpsa_reference_rotation=2", "ogpsa_refresh_steps=2"],
+    "rotate4": ["ogpsa_reference_rotation=4", "ogpsa_refresh_steps=1"],
 }
 
 RECIPE = """\
