@@ -201,6 +201,40 @@ def test_only_the_span_is_rebuilt_and_the_state_round_trips(tiny):
     assert fresh.identity() == both.identity() and fresh.identity()["null_alpha"] == ALPHA
 
 
+def test_rotation_inside_the_null_space(tiny):
+    """ogpsa_reference_rotation: 2 under the composition: the kept share's gradient, re-formed from the
+    basis, is still the projected one, so after a rotated rebuild a projected gradient is orthogonal to
+    each share's RAW gradient at the weights it was read at, and stays in the null spaces."""
+    from tqdm import tqdm
+
+    from ogpsa.plugin.constraint import BuildContext
+
+    both, event, model, params, sets, collator = build(tiny, ogpsa_reference_rotation=2)
+    shares = both.span.shares(sets)
+    raw = {src.name: mean_nll_gradient(model, params, src.features, collator) for share in shares for src in share}
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-2 * torch.randn_like(p) * p.detach().abs().mean())
+    again = both.build(BuildContext(model=model, refs=sets, collator=collator, step=1, world_size=1, is_main=True,
+                                    followup=False, reference_pass=lambda label, refs=None: (2, tqdm(disable=True))))
+    assert (event["shares_read"], again["shares_read"], again["rank"]) == ([0, 1], [0], 6)
+    assert sorted(k for k in again if k.startswith("ref_kept/")) == sorted(f"ref_kept/{n}@0" for n in REFS)
+    raw.update({src.name: mean_nll_gradient(model, params, src.features, collator) for src in shares[0]})
+    gen = torch.Generator().manual_seed(4)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    both.project_grad(0, measure=False)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    for name, r in raw.items():
+        assert abs(cosine(grads, r)) < 1e-5, (name, cosine(grads, r))
+    from ogpsa.plugin.methods.null_space.maths import project_rows_
+
+    named = dict(zip((n for n, p in model.named_parameters() if p.requires_grad), grads))
+    for layer in both.null.layers:  # G P = G: projecting again removes nothing
+        g = named[f"{layer.name}.weight"]
+        assert project_rows_(g.clone(), both.null.spaces[layer.space]) <= 1e-5 * float(g.norm()), layer.name
+
+
 # ---- through `llamafactory-cli train` ------------------------------------------------------------------
 
 ADAMW_2 = {"optim": "adamw_torch", "learning_rate": 1e-3, "max_steps": 2, "max_grad_norm": 1.0,
