@@ -67,7 +67,8 @@ class OGPSAArguments:
         metadata={
             "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 5, which with "
             "ogpsa_keep_previous holds the protection; the paper used 30 for SFT and 5 for DPO; null_space "
-            "default: 0); 0 builds it once at the start of the stage. Each rebuild reads every reference sample once."
+            "default: 0; gradient_span+null_space: 5, rebuilding the span only); 0 builds it once at the start "
+            "of the stage. Each rebuild reads every reference sample once."
         },
     )
     ogpsa_granularity: Literal["tensor", "global"] = field(
