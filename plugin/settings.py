@@ -68,7 +68,8 @@ class OGPSAArguments:
             "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 5, which with "
             "ogpsa_keep_previous holds the protection; the paper used 30 for SFT and 5 for DPO; null_space "
             "default: 0; gradient_span+null_space: 5, rebuilding the span only); 0 builds it once at the start "
-            "of the stage. Each rebuild reads every reference sample once (a 1/m share of them with ogpsa_reference_rotation: m)."
+            "of the stage. Each rebuild reads every reference sample once (a 1/m share of them with "
+            "ogpsa_reference_rotation: m)."
         },
     )
     ogpsa_granularity: Literal["tensor", "global"] = field(
