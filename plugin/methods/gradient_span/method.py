@@ -12,6 +12,11 @@ along the reference sets' gradients (the maths is `maths.py`, the gradients `gra
 It works on this rank's piece of every trainable parameter (`sharding.ShardLayout`): whole
 parameters on one process and under DDP, partitions under ZeRO-1/2/3 and FSDP2, with the inner
 products summed over ranks.
+
+With ogpsa_reference_rotation a build reads one share of every set and keeps the others' latest
+gradients from the basis (`rotation.py`). `row_transform` lets a constraint that composes this one
+change each new reference gradient before it is orthonormalised (`methods/composed`: into the null
+spaces).
 """
 
 from __future__ import annotations
