@@ -52,8 +52,17 @@ GROUPS = {
     "defaults": ["ogpsa_method=gradient_span,null_space"],
     "refresh2": ["ogpsa_refresh_steps=2"],  # the gradient span's best schedule on the quickstart's sweep
     "energy": ["ogpsa_method=null_space", "ogpsa_null_energy=0.5,0.9"],  # GPM's energy threshold instead of alpha
+    # issue 35: the two constraints composed (the null space at NSPO's alpha and by energy 0.5), at the span's
+    # defaults (every 5 steps, the previous rebuild's directions kept)
+    "composed": ["ogpsa_method=gradient_span+null_space"],
+    "composed_energy": ["ogpsa_method=gradient_span+null_space", "ogpsa_null_energy=0.5"],
+    # rotation at today's reference tokens per run (a full read every 5 steps is a half every 2.5): half the
+    # samples every 2 steps (1.25x today's tokens, 6 rows as today), a quarter every step (1.25x, 12 rows)
+    "rotate2": ["ogpsa_reference_rotation=2", "ogpsa_refresh_steps=2"],
+    "rotate4": ["ogpsa_reference_rotation=4", "ogpsa_refresh_steps=1"],
 }
 SEEDS = "0,1,2"
+DEFAULT_GROUPS = "defaults,refresh2,energy"  # the comparison of issue 33; the others on request
 N_EVAL = 128  # capability probes per source, harmful and benign probes
 SAFETY = "harm_refusals"
 
@@ -185,7 +194,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--data", required=True, help="the folder of ../shared/data/README.md (real GSM8K, ...)")
     ap.add_argument("--out", default="runs/real_data")
-    ap.add_argument("--groups", default=",".join(GROUPS), help=f"sweeps to run, comma-separated: {','.join(GROUPS)}")
+    ap.add_argument("--groups", default=DEFAULT_GROUPS,
+                    help=f"sweeps to run, comma-separated (default {DEFAULT_GROUPS}): {','.join(GROUPS)}")
     ap.add_argument("--seeds", default=SEEDS, help=f"seeds, comma-separated (default {SEEDS}); outer loop")
     ap.add_argument("--report-only", action="store_true", help="no training: the report over the finished runs")
     opts = ap.parse_args(argv)

@@ -38,6 +38,7 @@ from .settings import OGPSAArguments, OGPSAConfigError
 REGISTRY = {
     "gradient_span": "methods.gradient_span.method:GradientSpan",
     "null_space": "methods.null_space.method:NullSpace",
+    "gradient_span+null_space": "methods.composed.method:SpanInNullSpace",
 }
 
 

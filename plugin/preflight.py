@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from .engines import check_arguments
 from .files import DatasetInfoError, info_path, is_hub_dir, read_dataset_info
+from .methods.composed.checks import check_arguments as check_composition
 from .reference import ReferenceDataError
 from .settings import OGPSAArguments, OGPSAConfigError, split_ogpsa_args
 
@@ -84,6 +85,7 @@ def _check(settings: OGPSAArguments, get: Callable[[str], Any], dataset_dir: Any
         reads[key] = _seen(value)
         return value
 
+    check_composition(recording_get, settings, where)  # gradient_span+null_space: one process or DDP, no DoRA
     check_arguments(recording_get, settings, where)  # engine, offload, pure_bf16 + update, USE_V1, ...
     if isinstance(dataset_dir, str) and settings.reference_names:  # ogpsa_method=osf has none
         check_registered(settings.reference_names, dataset_dir, where)

@@ -22,9 +22,13 @@ DEFAULT_REFRESH = {"ogpsa_sft": 5, "ogpsa_dpo": 5}
 # Keys that mean something to one method only; giving one to the other method is an error, not a no-op.
 METHOD_KEYS = {
     "gradient_span": ("ogpsa_granularity", "ogpsa_mode", "ogpsa_basis_dtype", "ogpsa_directions_per_set",
-                      "ogpsa_keep_previous"),
+                      "ogpsa_keep_previous", "ogpsa_reference_rotation"),
     "null_space": ("ogpsa_null_layers", "ogpsa_null_alpha", "ogpsa_null_energy"),
 }
+# The two constraints composed (`methods/composed`): the span of the reference gradients projected
+# into the null space, inside the null space; it takes the keys of both.
+COMPOSED = "gradient_span+null_space"
+METHOD_KEYS[COMPOSED] = METHOD_KEYS["gradient_span"] + METHOD_KEYS["null_space"]
 PREFIX = "ogpsa_"
 
 
@@ -36,14 +40,18 @@ class OGPSAConfigError(ValueError):
 class OGPSAArguments:
     """Settings of an `ogpsa_sft` / `ogpsa_dpo` stage (YAML keys are the field names)."""
 
-    ogpsa_method: Literal["gradient_span", "null_space", "osf"] = field(
+    ogpsa_method: Literal["gradient_span", "null_space", "gradient_span+null_space", "osf"] = field(
         default="gradient_span",
         metadata={
             "help": "'gradient_span' (OGPSA): remove from each step its component along the reference sets' "
             "gradients, so each reference loss is unchanged to first order. 'null_space' (NSPO, arXiv "
             "2512.11391): restrict each constrained linear layer's weight change to the null space of its "
             "inputs on the reference sets, so those layers' outputs on the reference inputs are kept (up to "
-            "ogpsa_null_alpha), not only to first order. 'osf': PEFT's orthogonal subspace fine-tuning, a baseline "
+            "ogpsa_null_alpha), not only to first order. 'gradient_span+null_space': both at once; the null "
+            "space (built once per stage) restricts its layers' update, the reference gradients are projected "
+            "into it before they span the subspace, so every reference loss is unchanged to first order in "
+            "every tensor and the constrained layers' outputs on the reference inputs are kept (one process "
+            "or DDP). 'osf': PEFT's orthogonal subspace fine-tuning, a baseline "
             "with no reference data: each wrapped weight's top singular directions stay fixed and its update lies "
             "in their complement (settings: the ogpsa_osf_* keys in docs/guide.md)."
         },
@@ -63,7 +71,9 @@ class OGPSAArguments:
         metadata={
             "help": "Rebuild the subspace every K optimizer steps (gradient_span default: 5, which with "
             "ogpsa_keep_previous holds the protection; the paper used 30 for SFT and 5 for DPO; null_space "
-            "default: 0); 0 builds it once at the start of the stage. Each rebuild reads every reference sample once."
+            "default: 0; gradient_span+null_space: 5, rebuilding the span only); 0 builds it once at the start "
+            "of the stage. Each rebuild reads every reference sample once (a 1/m share of them with "
+            "ogpsa_reference_rotation: m)."
         },
     )
     ogpsa_granularity: Literal["tensor", "global"] = field(
@@ -116,6 +126,17 @@ class OGPSAArguments:
             "The span of the reference gradients at two points holds their straight-line continuation, so the "
             "protection fades far less between rebuilds (measured in docs/results.md), at up to twice the "
             "basis memory. false: the subspace is only the latest rebuild's gradients (the paper)."
+        },
+    )
+    ogpsa_reference_rotation: int = field(
+        default=1,
+        metadata={
+            "help": "gradient_span: m > 1 splits each reference set into m shares (sample i, longest first, in "
+            "share i mod m) and each rebuild reads one share, in turn (the first build of a stage reads all): "
+            "the subspace holds every share's latest gradient, m x sets x ogpsa_directions_per_set directions "
+            "orthonormalised together, so a rebuild costs 1/m of a full one and the whole set is covered every "
+            "m rebuilds. Replaces ogpsa_keep_previous (an older gradient of a share is replaced, not kept). 1: "
+            "every rebuild reads every sample."
         },
     )
     ogpsa_reference_batch_size: Optional[int] = field(
@@ -257,7 +278,8 @@ def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[OGPSAArgume
             osf = parse_osf_args(osf_keys)
         except ValueError as e:
             raise OGPSAConfigError(f"{where}{e}") from None
-    foreign = sorted(k for m, keys in METHOD_KEYS.items() if m != method for k in keys if k in values)
+    used = set(METHOD_KEYS.get(method, ()))
+    foreign = sorted({k for keys in METHOD_KEYS.values() for k in keys if k in values and k not in used})
     if foreign:
         raise OGPSAConfigError(f"{where}{', '.join(foreign)}: not used by ogpsa_method={method}")
     # alpha has a default, so only the keys given tell whether both thresholds were asked for
@@ -265,6 +287,11 @@ def split_ogpsa_args(args: dict[str, Any], where: str = "") -> tuple[OGPSAArgume
         raise OGPSAConfigError(
             f"{where}ogpsa_null_alpha, ogpsa_null_energy: give one or the other (a ratio to the largest "
             "eigenvalue, or a fraction of the inputs' energy to protect)"
+        )
+    if values.get("ogpsa_reference_rotation", 1) > 1 and "ogpsa_keep_previous" in values:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_keep_previous: not used with ogpsa_reference_rotation > 1 (the subspace keeps every "
+            "share's latest gradient, and a share's older one is replaced); remove one of the two"
         )
     settings = OGPSAArguments(**values, stage=stage, osf=osf)
     validate(settings, where)
@@ -298,6 +325,16 @@ def validate(settings: OGPSAArguments, where: str = "") -> None:
         raise OGPSAConfigError(
             f"{where}ogpsa_directions_per_set: {settings.ogpsa_directions_per_set} groups need at least as many "
             f"samples per set, but ogpsa_reference_samples is {settings.ogpsa_reference_samples}"
+        )
+    if settings.ogpsa_reference_rotation < 1:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_reference_rotation: must be >= 1, got {settings.ogpsa_reference_rotation}"
+        )
+    if settings.ogpsa_reference_rotation * settings.ogpsa_directions_per_set > settings.ogpsa_reference_samples:
+        raise OGPSAConfigError(
+            f"{where}ogpsa_reference_rotation: {settings.ogpsa_reference_rotation} shares x "
+            f"{settings.ogpsa_directions_per_set} directions per set need at least as many samples per set, but "
+            f"ogpsa_reference_samples is {settings.ogpsa_reference_samples}"
         )
     if not settings.ogpsa_null_layers.strip():
         raise OGPSAConfigError(f"{where}ogpsa_null_layers: 'mlp', 'all_linear' or comma-separated layer names")

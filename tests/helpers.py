@@ -282,3 +282,28 @@ def tiny_lm(vocab: int = 11, hidden: int = 6):
             return SimpleNamespace(loss=loss)
 
     return TinyLM()
+
+
+def mean_nll_gradient(model, params, features, collator) -> list:
+    """The gradient of the mean answer-token NLL over `features` (tokenised rows), one sample at a time (no
+    padding): the reference gradient of a set, share or group, computed apart from the plugin's batching."""
+    for p in params:
+        p.grad = None
+    tokens = 0
+    for f in features:
+        batch = collator([dict(f)])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        (model(**batch).loss * n).backward()
+        tokens += n
+    grads = [p.grad.detach().clone() / tokens for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def cosine(a: list, b: list) -> float:
+    """Whole-model cosine of two lists of tensors (float64)."""
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    na = sum(float(x.double().square().sum()) for x in a) ** 0.5
+    nb = sum(float(y.double().square().sum()) for y in b) ** 0.5
+    return dot / (na * nb) if na > 0 and nb > 0 else 0.0

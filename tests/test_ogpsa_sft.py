@@ -155,7 +155,8 @@ def test_ogpsa_command_with_overrides(tiny, tmp_path):
 
 KNOWN = ("['ogpsa_basis_dtype', 'ogpsa_directions_per_set', 'ogpsa_granularity', 'ogpsa_keep_previous', "
          "'ogpsa_method', 'ogpsa_mode', 'ogpsa_null_alpha', 'ogpsa_null_energy', 'ogpsa_null_layers', 'ogpsa_reference', "
-         "'ogpsa_reference_batch_size', 'ogpsa_reference_samples', 'ogpsa_refresh_steps', 'ogpsa_save_basis', "
+         "'ogpsa_reference_batch_size', 'ogpsa_reference_rotation', 'ogpsa_reference_samples', 'ogpsa_refresh_steps', "
+         "'ogpsa_save_basis', "
          "'ogpsa_target']")
 REGISTERED = ("toy_benign_eval, toy_dpo_chosen, toy_general_eval, toy_general_ref, toy_harmful_eval, toy_hhh_eval, "
               "toy_hhh_ref, toy_math_eval, toy_math_ref, toy_safety_dpo, toy_safety_sft")

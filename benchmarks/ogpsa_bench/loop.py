@@ -26,9 +26,10 @@ from .summary import median
 
 # ogpsa_refresh_steps per method: the gradient span at the package's default K (what a user gets,
 # written out so the summary can amortise by it); other methods keep their own default (null_space:
-# 0, built once at the start)
+# 0, built once at the start). The composition rebuilds its span on the span's schedule (its null spaces
+# once, at the start: the timed rebuilds are the span's)
 DEFAULT_K = {pair: DEFAULT_REFRESH[f"ogpsa_{pair}"] for pair in ("sft", "dpo")}
-REFRESHED = {"gradient_span"}
+REFRESHED = {"gradient_span", "gradient_span+null_space"}
 
 
 def refresh_steps(method: str, pair: str) -> int | None:

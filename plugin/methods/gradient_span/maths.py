@@ -244,6 +244,7 @@ class BasisBuilder:
         reduce=None,
         dtype: torch.dtype | None = None,
         carry: list[torch.Tensor | None] | None = None,
+        carry_names: list[str] | None = None,
     ):
         """like[i]: a tensor with the numel, dtype and device of (this rank's piece of) parameter i.
         reduce: see the module docstring (None: each rank holds whole parameters). dtype: storage of
@@ -255,6 +256,11 @@ class BasisBuilder:
         each block still span exactly this build's gradients (`SubspaceBasis.fresh`). Each entry of
         `carry` is set to None once copied: a caller that holds no other reference frees the earlier
         rows parameter by parameter, so the build peaks at the new rows plus one parameter's old ones.
+
+        carry_names: the carried rows are reference gradients kept from earlier builds (ogpsa_reference_rotation:
+        the shares not read this time, `gradients_of`), not orthonormal rows: each is committed as one
+        more named reference gradient, with its coordinates and norm, after this build's own. Every
+        parameter then carries len(carry_names) rows.
         """
         self.granularity = granularity
         self.rtol = rtol
@@ -265,6 +271,9 @@ class BasisBuilder:
             raise ValueError(f"carry has {len(carry)} tensors, expected {len(like)}")
         # rows carried per block (every parameter of a block carries the same number)
         self.carried = [0 if carry is None or not block else int(carry[block[0]].shape[0]) for block in self.blocks]
+        if carry_names is not None and set(self.carried) - {len(carry_names)}:
+            raise ValueError(f"carry_names names {len(carry_names)} rows, the blocks carry {sorted(set(self.carried))}")
+        self.carry_names = carry_names
         extra = max(self.carried, default=0)
         # rows[i][q] is row q of parameter i's slice; filled in place as directions are accepted.
         self.rows = []
@@ -299,16 +308,17 @@ class BasisBuilder:
         torch._foreach_copy_(self.next_row(), [g.detach().reshape(-1) for g in grads])
         return self.commit(name)
 
-    def commit(self, name: str = "", scale: float = 1.0, record: bool = True) -> float:
+    def commit(self, name: str = "", scale: float = 1.0, record: bool = True, carried: bool = False) -> float:
         """Orthogonalise the gradient held in `next_row()`, times `scale`, into the basis.
 
         `scale` is folded into the coefficients and the normalisation (a sum of token gradients is
         committed as their mean without a pass to rescale it). Returns the scaled gradient's
         whole-model norm. Raises `NonFiniteGradient` (leaving the builder as it was) if the gradient
         has a NaN or infinity. record=False: a carried row, which widens the span but is not a
-        reference set (no coordinates, norm or name).
+        reference set (no coordinates, norm or name). carried: the row was moved into place by
+        `_commit_carried` (counted beyond max_rank).
         """
-        v = self.next_row() if record else self._row()
+        v = self.next_row() if record and not carried else self._row()
         ks = [self.rank[b] for b in self.block_of]
         sq0 = self.reduce(self._block_sq(v))
         if not bool(sq0.sum().isfinite()):  # one sync; checked before anything is changed
@@ -358,7 +368,10 @@ class BasisBuilder:
                 if q < self.carried[b] and dst != src:
                     self.rows[i][dst].copy_(self.rows[i][src])
                     self.rows[i][src].zero_()
-            self.commit(record=False)
+            if self.carry_names is None:
+                self.commit(record=False, carried=True)
+            else:
+                self.commit(self.carry_names[q], carried=True)
 
     def _block_sq(self, v: list[torch.Tensor]) -> torch.Tensor:
         """(num_blocks,) float32 squared norms of a row, summed per block (on the rows' device)."""
@@ -411,6 +424,35 @@ class BasisBuilder:
         self.rows = []  # the basis owns the storage now
         return SubspaceBasis(self.granularity, directions, coords, ref_norms, list(self.names),
                              fresh=fresh if any(self.carried) else None)
+
+
+@torch.no_grad()
+def gradients_of(basis: SubspaceBasis, keep: list[int]) -> list[torch.Tensor]:
+    """The reference gradients `keep` (indices into basis.names) as they were committed, one
+    (len(keep), numel_i) tensor per parameter in the rows' dtype: r_j restricted to block b is
+    coords[b][j] @ U_b, exact up to what the builder dropped as dependent (below RANK_RTOL of r_j).
+
+    Consumes the basis: each parameter's rows are released (`basis.directions[i]` set to an empty
+    tensor) as soon as its gradients are formed, so a caller that holds no other reference to the
+    basis peaks at one parameter's old rows beside what was formed so far, never two whole bases.
+    Products are accumulated in float32, UPCAST_CHUNK columns at a time for low-precision rows.
+    """
+    out = []
+    for b, block in enumerate(basis.blocks()):
+        c = basis.coords[b][keep]  # (len(keep), k_b) float32
+        for i in block:
+            d = basis.directions[i]
+            rows = torch.zeros((len(keep), d.shape[1]), dtype=d.dtype, device=d.device)
+            if d.shape[0] and len(keep):
+                cd = c.to(d.device)
+                for start in range(0, d.shape[1], UPCAST_CHUNK):
+                    stop = start + UPCAST_CHUNK
+                    rows[:, start:stop] = (cd @ d[:, start:stop].float()).to(d.dtype)
+            basis.directions[i] = d.new_zeros((0, d.shape[1]))
+            del d
+            out.append(rows)
+    basis.directions = []  # nothing is left of the rows
+    return out
 
 
 def build_basis(

@@ -12,11 +12,16 @@ along the reference sets' gradients (the maths is `maths.py`, the gradients `gra
 It works on this rank's piece of every trainable parameter (`sharding.ShardLayout`): whole
 parameters on one process and under DDP, partitions under ZeRO-1/2/3 and FSDP2, with the inner
 products summed over ranks.
+
+With ogpsa_reference_rotation a build reads one share of every set and keeps the others' latest
+gradients from the basis (`rotation.py`). `row_transform` lets a constraint that composes this one
+change each new reference gradient before it is orthonormalised (`methods/composed`: into the null
+spaces).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from llamafactory.extras.logging import get_logger
@@ -24,10 +29,10 @@ from llamafactory.extras.logging import get_logger
 from ... import dist
 from ...checkpoint import cut as checkpoint_cut
 from ...constraint import BuildContext, SetupContext
-from ...reference import ReferenceDataError, split_groups
+from ...reference import ReferenceDataError
 from ...settings import BASIS_DTYPES, OGPSAArguments, OGPSAConfigError
 from ...sharding import Replicated, ShardLayout
-from .gradients import reference_gradients, sharded_reference_gradients
+from .gradients import SetGradient, reference_gradients, sharded_reference_gradients
 from .maths import (
     MODES,
     BasisBuilder,
@@ -35,10 +40,12 @@ from .maths import (
     ProjectionStats,
     SubspaceBasis,
     basis_fingerprint,
+    gradients_of,
     project_,
     project_change_,
     span_coordinates,
 )
+from .rotation import share_of, shares
 
 logger = get_logger("llamafactory.ogpsa")
 
@@ -65,7 +72,12 @@ class GradientSpan:
         # rebuild at the next step; blocks still zero then (unused by the reference data) are left alone
         self.followup_due = False
         self._still_zero: set[int] = set()
-        self._groups: tuple[Any, list] = (None, [])  # (the sets, their groups): split once, reused by rebuilds
+        self._groups: tuple[Any, list] = (None, [])  # (the sets, their shares' groups): split once, reused
+        # ogpsa_reference_rotation: rotated rebuilds so far; the next one reads share turn % m
+        self.turn = 0
+        # called on each new reference gradient before it enters the basis (None: none); a constraint that
+        # composes this one with another transforms them there (`methods/composed`)
+        self.row_transform: Optional[Callable[[SetGradient], None]] = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def supports(self, layout: ShardLayout) -> Optional[str]:
@@ -89,18 +101,35 @@ class GradientSpan:
 
         ctx.followup: this build re-measures blocks that had a zero reference gradient at the last
         one (a LoRA A while B is still 0 gets a gradient once B has taken one step)."""
-        # ogpsa_keep_previous: the last build's own directions stay in the span. The span of the
-        # reference gradients at two points contains their straight-line continuation between and
-        # beyond them, which is what keeps a basis current between rebuilds (measured: docs/results.md).
-        carry = self.basis.fresh_rows() if self.settings.ogpsa_keep_previous and self.basis is not None else None
+        every = self.shares(ctx.refs)
+        rotate = len(every) > 1 and self.basis is not None and not ctx.followup
+        read = [self.turn % len(every)] if rotate else list(range(len(every)))
+        sources = [g for s in read for g in every[s]]
+        carry_names = None
+        if rotate:
+            # ogpsa_reference_rotation: the other shares' latest gradients stay, re-formed from the basis
+            # (which is released parameter by parameter as they are) and committed after the new share's
+            keep = [j for j, n in enumerate(self.basis.names) if share_of(n) not in read]
+            carry_names = [self.basis.names[j] for j in keep]
+            basis, self.basis = self.basis, None
+            carry = gradients_of(basis, keep)
+            del basis
+            self.turn += 1
+        elif self.settings.ogpsa_keep_previous and self.basis is not None and len(every) == 1:
+            # ogpsa_keep_previous: the last build's own directions stay in the span. The span of the
+            # reference gradients at two points contains their straight-line continuation between and
+            # beyond them, which is what keeps a basis current between rebuilds (measured: docs/results.md).
+            carry = self.basis.fresh_rows()
+        else:
+            carry = None
         self.basis = None  # the builder frees the carried rows as it copies them, the rest of the old basis now
         self._coords = {}  # coordinates in the old basis mean nothing in the new one
         name = BASIS_DTYPES[self.settings.ogpsa_basis_dtype]
         dtype = getattr(torch, name) if name else None
-        builder = BasisBuilder(self.layout.like(), len(self.groups(ctx.refs)), self.settings.ogpsa_granularity,
-                               reduce=self.layout.reduce, dtype=dtype, carry=carry)
+        builder = BasisBuilder(self.layout.like(), len(sources), self.settings.ogpsa_granularity,
+                               reduce=self.layout.reduce, dtype=dtype, carry=carry, carry_names=carry_names)
         del carry
-        norms, tokens = self._fill(builder, ctx)
+        norms, tokens = self._fill(builder, ctx, sources)
         self.layout.check_no_pending_reduction()  # no reference gradient left queued in the engine
         self.basis = builder.finish()
         spread = rank_spread(self.basis, sharded=self.layout.sharded)
@@ -115,27 +144,35 @@ class GradientSpan:
         event.update({"rank": self.basis.rank(), **self._basis_bytes()})
         if self.basis.fresh is not None:  # directions kept from the previous build, over all blocks
             event["kept_directions"] = sum(c.shape[1] for c in self.basis.coords) - sum(self.basis.fresh)
+        if len(every) > 1:  # the shares this build read (all: a build with nothing to rotate)
+            event.update({"shares_read": read, "rotation_turn": self.turn})
         event.update({"params": len(self.params), "param_numel": sum(map(self.layout.full_numel, range(len(self.params))))})
         event.update({"rank_spread": spread})
         event.update({f"grad_norm/{n}": v for n, v in norms.items()})
         event.update(tokens)  # tokens/, input_tokens/, padded_tokens/<set>
+        event["tokens_read"] = sum(v for k, v in tokens.items() if k.startswith("tokens/"))  # answer tokens, all sets
         return event
 
     def groups(self, refs: list) -> list:
-        """The reference gradients' sources: the sets, or r groups of each (ogpsa_directions_per_set)."""
+        """The reference gradients' sources: the sets, or r groups of each (ogpsa_directions_per_set);
+        with ogpsa_reference_rotation, every share's, share after share."""
+        return [g for share in self.shares(refs) for g in share] if len(self.shares(refs)) > 1 else self.shares(refs)[0]
+
+    def shares(self, refs: list) -> list[list]:
+        """The sources per share (`rotation.shares`; one share without ogpsa_reference_rotation)."""
         if self._groups[0] is not refs:
-            self._groups = (refs, split_groups(refs, self.settings.ogpsa_directions_per_set))
+            self._groups = (refs, shares(refs, self.settings.ogpsa_reference_rotation,
+                                         self.settings.ogpsa_directions_per_set))
         return self._groups[1]
 
-    def _fill(self, builder: BasisBuilder, ctx: BuildContext) -> tuple[dict, dict]:
-        """Run the reference sets through the model and commit each gradient to `builder`; return the
-        sets' gradient norms and token counts."""
+    def _fill(self, builder: BasisBuilder, ctx: BuildContext, refs: list) -> tuple[dict, dict]:
+        """Run the sources `refs` through the model and commit each gradient to `builder`; return their
+        gradient norms and token counts."""
         device = self.params[0].device
         layout = self.layout
         # zero-copy (autograd accumulates into the basis rows) needs whole parameters in their own dtype
         direct = not layout.sharded and all(r.dtype == p.dtype for r, p in zip(builder.next_row(), self.params))
         norms, tokens = {}, {}
-        refs = self.groups(ctx.refs)
         batch_size, bar = ctx.reference_pass("ogpsa rebuild", refs)  # the bar counts the groups' micro-batches
         if direct:
             grads = reference_gradients(ctx.model, self.params, refs, ctx.collator, batch_size, device,
@@ -145,6 +182,8 @@ class GradientSpan:
                                                 builder.next_row, layout, bar)
         with bar:
             for g in grads:
+                if self.row_transform is not None:
+                    self.row_transform(g)
                 try:
                     norms[g.name] = builder.commit(g.name, scale=g.scale / max(g.answer_tokens, 1))
                 except NonFiniteGradient:
@@ -209,12 +248,13 @@ class GradientSpan:
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"basis": self.basis.state_dict(), "coords": dict(self._coords), "followup_due": self.followup_due,
-                "still_zero": sorted(self._still_zero)}
+                "still_zero": sorted(self._still_zero), "turn": self.turn}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.basis = SubspaceBasis.from_state_dict(saved["basis"])
         self._coords = dict(saved["coords"])
         self.followup_due, self._still_zero = saved["followup_due"], set(saved["still_zero"])
+        self.turn = int(saved.get("turn", 0))  # absent in files of earlier releases (no rotation)
 
     def reshard(self, states: list[dict], pieces: list[list[tuple[int, int]]], mine: list[tuple[int, int]],
                 device) -> dict[str, Any]:
@@ -235,7 +275,7 @@ class GradientSpan:
         basis = {**first, "directions": directions, "coords": [c.to(device) for c in first["coords"]],
                  "ref_norms": first["ref_norms"].to(device)}
         return {"basis": basis, "coords": {}, "followup_due": states[0]["followup_due"],
-                "still_zero": states[0]["still_zero"]}
+                "still_zero": states[0]["still_zero"], "turn": states[0].get("turn", 0)}
 
     def identity(self) -> dict[str, Any]:
         s = self.settings
@@ -244,6 +284,8 @@ class GradientSpan:
             ident["directions_per_set"] = s.ogpsa_directions_per_set
         if not s.ogpsa_keep_previous:
             ident["keep_previous"] = False
+        if s.ogpsa_reference_rotation != 1:
+            ident["reference_rotation"] = s.ogpsa_reference_rotation
         return ident
 
 
