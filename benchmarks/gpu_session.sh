@@ -240,6 +240,15 @@ if checks:
         lines.append(f"| {c['check']} | {c.get('engine')} | {c['precision']} | {c['moved_plain']:.4f} / "
                      f"{c['moved_ogpsa']:.5f} ({ratio:.0f}x) | {c['target_change_ogpsa']:+.4f} | "
                      f"{'-' if per is None else f'{per:.0f}'} |")
+null = [c for c in checks if c.get("layers")]
+if null:
+    lines += ["", "| null-space check | engine | precision | MLP outputs on the reference inputs: largest moved / bound | "
+              "smallest plain / null-space move | null dims |", "|---|---|---|---|---|---|"]
+    for c in null:
+        worst = max(c["layers"], key=lambda w: w["moved"] / max(w["bound"], 1e-30))
+        gap = min(w["plain_moved"] / max(w["moved"], 1e-30) for w in c["layers"])
+        lines.append(f"| {c['check']} | {c.get('engine')} | {c['precision']} | {worst['moved']:.4g} / {worst['bound']:.4g} "
+                     f"({worst['layer']}) | {gap:.1f}x | {c.get('null_dims')} |")
 for name, b in benches.items():
     md = os.path.join(work, "bench", name, "bench.md")
     if os.path.exists(md):
