@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's two commands, on a machine with only python3 (3.10+):
 #   ./run.sh quickstart [ogpsa quickstart options]   plain vs OGPSA on SmolLM2-135M-Instruct, CPU, offline
-#   ./run.sh test                                   the default test suite, then -m 'multiprocess or long'
+#   ./run.sh test                                   the default test suite, then -m '(multiprocess or long) and not slow'
 # The first call creates ./.venv with the pinned builds of constraints.txt (about 3 minutes, 6 GB);
 # later calls reinstall only this package (a regular install, as the README requires), so local
 # edits take effect. OGPSA_VENV=DIR uses another environment folder.
@@ -29,6 +29,6 @@ case "$verb" in
   quickstart) exec ogpsa quickstart "$@" ;;
   test)
     python -m pytest -q -p no:cacheprovider "$@"
-    exec python -m pytest -q -p no:cacheprovider -m 'multiprocess or long' "$@" ;;
+    exec python -m pytest -q -p no:cacheprovider -m '(multiprocess or long) and not slow' "$@" ;;
   *) echo "usage: ./run.sh quickstart [options] | ./run.sh test [pytest options]" >&2; exit 2 ;;
 esac

@@ -236,7 +236,9 @@ def test_guide_osf_table_is_generated_from_the_dataclass():
     assert block == osf_markdown() and len(block.splitlines()) == 2 + len(osf_fields())
 
 
-@pytest.mark.long  # a tiny SFT -> DPO pipeline with its evaluations (~1-2 min)
+# slow, not long: CI's 90 minutes are nearly spent, and the default suite already trains and evaluates an OSF
+# SFT and DPO stage and reports them; this one adds the recipe path (pytest -m slow runs it)
+@pytest.mark.slow  # a tiny SFT -> DPO pipeline with its evaluations (~1-2 min)
 def test_osf_recipe_runs_sft_then_dpo_and_reports(tiny, tmp_path):
     """The tiny OGPSA recipe turned into its OSF baseline: DPO trains from SFT's merged model, both
     stages keep their own starting weights' top directions, and the run is a row of the report."""
