@@ -232,10 +232,11 @@ def _math(rng: random.Random, n: int, taken: set[str]) -> list[dict]:
     return rows
 
 
-def build_rows(answer, seed: int = 0, **sizes) -> dict[str, list[dict]]:
+def build_rows(answer, seed: int = 0, rejected=None, **sizes) -> dict[str, list[dict]]:
     """All demo datasets. `answer(prompts) -> [(text, finished), ...]` gives the model's own answers (see
-    `greedy_answers`): to the harmful training requests, the DPO pairs' rejected side; to the general and
-    HHH-style requests, the probes and references (finished answers only)."""
+    `greedy_answers`): to the harmful training requests, the DPO pairs' rejected side (from `rejected`
+    when given, e.g. a shorter answer); to the general and HHH-style requests, the probes and references
+    (finished answers only)."""
     rng = random.Random(seed + 1)
     p = draw_prompts(seed, **sizes)
     n_ref = sizes.get("n_ref", 16)
@@ -245,8 +246,10 @@ def build_rows(answer, seed: int = 0, **sizes) -> dict[str, list[dict]]:
     general_prompts = {k: [ask.format(t) for t, ask in p[k]] for k in ("general_ref", "general_eval")}
     asked = general_prompts["general_ref"] + general_prompts["general_eval"] + p["hhh_ref"] + p["hhh_eval"]
     refusal = [{"instruction": q, "input": "", "output": REFUSALS[i % len(REFUSALS)]} for i, q in enumerate(p["harmful_train"])]
-    own = answer([r["instruction"] for r in refusal] + asked)
-    rejected, said = own[: len(refusal)], dict(zip(asked, own[len(refusal) :]))
+    # two calls: the 64 harmful requests fill whole batches of greedy_answers (16), so the other answers
+    # are those a single call gave
+    rejected = (rejected or answer)([r["instruction"] for r in refusal])
+    said = dict(zip(asked, answer(asked)))
 
     def probes(prompts):
         # the model's own answers, only those it finished (an answer cut at the length limit would be scored
@@ -280,9 +283,12 @@ def build_rows(answer, seed: int = 0, **sizes) -> dict[str, list[dict]]:
     }
 
 
+REJECTED_TOKENS = 112  # the rejected answers' length limit (a cut answer still complies)
+
+
 def greedy_answers(model_dir: str, max_new_tokens: int = 192, batch_size: int = 16):
-    """`answer(prompts)` for `build_rows`: the model's own greedy chat answers (ChatML), as (text, finished)
-    pairs; `finished` is False for an answer cut at `max_new_tokens`."""
+    """`answer(prompts, max_new_tokens=...)` for `build_rows`: the model's own greedy chat answers (ChatML),
+    as (text, finished) pairs; `finished` is False for an answer cut at `max_new_tokens`."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -292,7 +298,7 @@ def greedy_answers(model_dir: str, max_new_tokens: int = 192, batch_size: int = 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
-    def answer(prompts: list[str]) -> list[tuple[str, bool]]:
+    def answer(prompts: list[str], max_new_tokens: int = max_new_tokens) -> list[tuple[str, bool]]:
         out = []
         for i in tqdm(range(0, len(prompts), batch_size), desc="the model's own answers"):
             chats = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in prompts[i : i + batch_size]]
@@ -311,7 +317,10 @@ def greedy_answers(model_dir: str, max_new_tokens: int = 192, batch_size: int = 
 def build(out: str, model_dir: str, seed: int = 0, **sizes) -> Path:
     """Write the demo datasets and their dataset_info.json under `out`; return the folder."""
     out_dir = Path(out)
-    rows = build_rows(greedy_answers(model_dir), seed, **sizes)
+    answer = greedy_answers(model_dir)
+    # The DPO pairs' rejected side (the model complying) runs to the length limit, and the quickstart's DPO
+    # cuts each pair at 128 tokens: generating past that was most of this command's time.
+    rows = build_rows(answer, seed, lambda prompts: answer(prompts, max_new_tokens=REJECTED_TOKENS), **sizes)
     for name, r in rows.items():
         write_json_atomic(out_dir / f"{name}.json", r)
     write_json_atomic(out_dir / "dataset_info.json", dataset_info(rows))
