@@ -10,7 +10,7 @@ data, schedule and seed: plain stages, the gradient span (OGPSA) and the null sp
 each at its defaults, each stage evaluated, then the report (markdown table, Pareto plot, a compact
 console table). The starting model is evaluated once, by the plain run; the other runs reuse that
 evaluation. Timed on 2 CPU cores in docs/results.md. `--full` runs the earlier, longer demo (SFT for
-2 epochs, all 64 DPO pairs at full length, 16 reference samples per set) in runs/quickstart_full.
+2 epochs, all 64 DPO pairs cut at 256 tokens, 16 reference samples per set) in runs/quickstart_full.
 `--tiny` runs the same flow on the tiny random Qwen2 and toy data in about two minutes (a smoke test,
 not a result). `--with-null-space` is accepted for old command lines: the null space is part of the
 default now. Every pipeline resumes: rerunning the command skips what is done. The report adds weight
@@ -33,7 +33,7 @@ from .console import Console
 
 # `--full`: the earlier demo's schedule on the same recipe and data (docs/results.md has its times)
 FULL_OVERRIDES = ["sft.num_train_epochs=2", "sft.learning_rate=5.0e-5", "dpo.max_samples=64",
-                  "dpo.learning_rate=5.0e-6", "dpo.cutoff_len=256", "ogpsa_reference_samples=16"]
+                  "dpo.learning_rate=5.0e-6", "dpo.cutoff_len=256", "ogpsa_reference_samples=16", "eval.batch_size=12"]
 
 
 def recipe_path(name: str) -> Path:
