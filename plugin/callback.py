@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 from . import checkpoint, dist
 from .constraint import BuildContext, Constraint, SetupContext, make
 from .engines import detect
+from .files import discard_if_created_empty
 from .preflight import preflight
 from .reference import PAD_MULTIPLE, ReferenceSet, num_batches, tokenize_reference_sets
 from .settings import OGPSAArguments, OGPSAConfigError
@@ -103,12 +104,7 @@ class OGPSACallback(TrainerCallback):
 
     def discard_empty_output_dir(self) -> None:
         """After a failed start: remove output_dir if this run created it and it is still empty."""
-        path = getattr(self.training_args, "output_dir", None)
-        if path and not self._output_existed and os.path.isdir(path) and not os.listdir(path):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass  # another rank got there first
+        discard_if_created_empty(getattr(self.training_args, "output_dir", None), self._output_existed)
 
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.data_args is None:

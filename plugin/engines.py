@@ -156,7 +156,8 @@ def _unwrap_optimizers(optimizer) -> list:
     return chain
 
 
-def _accelerate_engine() -> str | None:
+def accelerate_engine() -> str | None:
+    """accelerate's distributed type (DEEPSPEED, FSDP, MULTI_GPU, ...), or None before accelerate is set up."""
     try:
         from accelerate.state import AcceleratorState
     except ImportError:
@@ -168,7 +169,7 @@ def _accelerate_engine() -> str | None:
 
 def _accelerate_fsdp_offloads() -> bool:
     """Whether accelerate's FSDP plugin offloads parameters to the CPU (FSDP2: a CPUOffloadPolicy)."""
-    if _accelerate_engine() != "FSDP":
+    if accelerate_engine() != "FSDP":
         return False
     from accelerate.state import AcceleratorState
 
@@ -183,7 +184,7 @@ def detect(model: torch.nn.Module, optimizer, params: list[torch.nn.Parameter],
         layout = _deepspeed_layout(optimizer, params, settings)
         if layout is not None:
             return _check_method(layout, settings)
-    if _accelerate_engine() == "DEEPSPEED":
+    if accelerate_engine() == "DEEPSPEED":
         raise OGPSAConfigError("deepspeed: this DeepSpeed set-up (no ZeRO-1/2/3 optimizer found) is not supported "
                                "by OGPSA stages; use ZeRO-1/2/3 or DDP")
     if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(

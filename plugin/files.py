@@ -124,3 +124,13 @@ def dataset_names(value: Any) -> list[str]:
 def norm_text(text: str) -> str:
     """Whitespace- and case-normalised key used for deduplication and disjointness."""
     return " ".join(text.split()).casefold()
+
+
+def discard_if_created_empty(path: str | None, existed: bool) -> None:
+    """After a failed start: remove `path` if this run created it (`existed` is False) and it is still
+    empty, so a refused run leaves nothing behind."""
+    if path and not existed and os.path.isdir(path) and not os.listdir(path):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # another rank got there first

@@ -35,6 +35,8 @@ import torch
 from llamafactory.extras.logging import get_logger
 from transformers import TrainerCallback
 
+from .engines import accelerate_engine
+from .files import discard_if_created_empty
 from .osf_settings import OSFArguments, osf_config_kwargs
 from .preflight import preflight
 from .settings import OGPSAArguments, OGPSAConfigError
@@ -155,18 +157,13 @@ class OSFCallback(TrainerCallback):
 
     def discard_empty_output_dir(self) -> None:
         """After a failed start: remove output_dir if this run created it and it is still empty."""
-        path = getattr(self.training_args, "output_dir", None)
-        if path and not self._output_existed and os.path.isdir(path) and not os.listdir(path):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass  # another rank got there first
+        discard_if_created_empty(getattr(self.training_args, "output_dir", None), self._output_existed)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not is_osf_model(model) or not osf_layers(model):
             raise OGPSAConfigError("ogpsa_method=osf: the trainer's model was not wrapped with PEFT's OSF (is the "
                                    "ogpsa hook armed? run through llamafactory-cli or ogpsa train)")
-        engine = _engine()  # an engine enabled outside the YAML (accelerate config, environment)
+        engine = accelerate_engine()  # an engine enabled outside the YAML (accelerate config, environment)
         if engine in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
             raise OGPSAConfigError(f"{engine.lower()}: ogpsa_method=osf runs on one process or DDP")
 
@@ -180,14 +177,3 @@ class OSFCallback(TrainerCallback):
         out = {METRIC: max(self._removed)}
         self._removed.clear()
         return out
-
-
-def _engine() -> Optional[str]:
-    """accelerate's distributed type, or None before accelerate is set up."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:
-        return None
-    if not AcceleratorState._shared_state:
-        return None
-    return str(getattr(AcceleratorState(), "distributed_type", "")).split(".")[-1]
