@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from llamafactory.extras.logging import get_logger
