@@ -73,6 +73,9 @@ def test_rehearsal_runs_facts_and_a_benchmark_after_a_planted_failure(tmp_path):
     bench = json.loads((out / "bench.json").read_text())["bench_500m_update"]
     assert bench["complete"] and bench["settings"]["grad_accum"] == 2 and bench["settings"]["target"] == "update"
     rows = bench["summary"]
-    assert [r["stage"] for r in rows] == ["sft", "dpo"]
+    # both methods in this part: the null space's step time and build beside the gradient span's
+    assert [(r["stage"], r["method"]) for r in rows] == [("sft", "gradient_span"), ("sft", "null_space"),
+                                                        ("dpo", "gradient_span"), ("dpo", "null_space")]
+    assert all(r["dtoh_per_step"] is None for r in rows)  # no CUDA: no device-to-host reads to count
     assert all(isinstance(r["pass_memory"], bool) and r["peak_bound_mb"] > r["peak_plain_mb"] for r in rows)
     assert "## bench_500m_update" in (out / "summary.md").read_text()
