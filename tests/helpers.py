@@ -307,3 +307,28 @@ def cosine(a: list, b: list) -> float:
     na = sum(float(x.double().square().sum()) for x in a) ** 0.5
     nb = sum(float(y.double().square().sum()) for y in b) ** 0.5
     return dot / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def one_and_two_processes(tiny: dict[str, str], tmp: Path, max_steps: int, keys: dict) -> tuple[dict, dict]:
+    """The same global batch (8 samples, all every step) trained on 1 process and on 2 DDP (gloo) ranks,
+    plain SGD (the ranks' float32 reduction order is then the only difference, passed on linearly; Adam's
+    per-coordinate division amplifies it where a projection left a coordinate near zero). Asserts the two
+    final weights agree to 1e-5 of the update or 8 ulps; returns ({1: log, 2: log} of the rebuild
+    records, {1: state, 2: state})."""
+    import torch
+
+    states, logs = {}, {}
+    for nproc in (1, 2):
+        out = tmp / f"procs_{nproc}"
+        cfg = base_config(tiny, out, per_device_train_batch_size=8 // nproc, max_samples=8, max_steps=max_steps,
+                          optim="sgd", learning_rate=0.05, max_grad_norm=0.0, **keys)
+        if nproc == 2:
+            cfg["ddp_backend"] = "gloo"
+        run_cli(cfg, tmp / f"run_{nproc}", env=TORCHRUN if nproc == 2 else None)
+        states[nproc], logs[nproc] = load_state(out), ogpsa_log(out)
+    update = max_diff(states[1], load_state(Path(tiny["model"])))
+    gap = max_diff(states[1], states[2])
+    ulp = torch.finfo(torch.float32).eps * max(float(v.abs().max()) for v in states[1].values())
+    print(f"1 vs 2 processes: {gap:.2e} (update {update:.2e}, ulp {ulp:.1e})")
+    assert gap <= max(1e-5 * update, 8 * ulp)
+    return {n: [r for r in log if r.get("event") == "rebuild"] for n, log in logs.items()}, states

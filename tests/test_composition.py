@@ -21,7 +21,6 @@ from helpers import (
     MLP,
     REFS,
     SAMPLES,
-    TORCHRUN,
     base_config,
     cosine,
     load_state,
@@ -30,6 +29,7 @@ from helpers import (
     null_energy,
     null_keys,
     ogpsa_log,
+    one_and_two_processes,
     reference_inputs,
     run_cli,
     tokenized_references,
@@ -367,23 +367,8 @@ def test_resume_equals_the_uninterrupted_run(tiny, tmp_path):
 def test_two_processes_match_one(tiny, tmp_path):
     """DDP (gloo): the reference batches split over the ranks, covariances and gradients summed: the same
     null spaces, span and weights as one process with the same global batch (8 samples, all every step)."""
-    states, logs = {}, {}
-    for nproc in (1, 2):
-        out = tmp_path / f"both_{nproc}"
-        # SGD: the ranks' float32 reduction order is the only difference, and SGD passes it on linearly
-        # (Adam's per-coordinate division amplifies it where the projections left a coordinate near zero)
-        cfg = base_config(tiny, out, per_device_train_batch_size=8 // nproc, max_samples=8, max_steps=2,
-                          optim="sgd", learning_rate=0.05, max_grad_norm=0.0, **both_keys())
-        if nproc == 2:
-            cfg["ddp_backend"] = "gloo"
-        run_cli(cfg, tmp_path / f"run_{nproc}", env=TORCHRUN if nproc == 2 else None)
-        states[nproc], logs[nproc] = load_state(out), ogpsa_log(out)
-    update = max_diff(states[1], load_state(tiny["model"]))
-    gap = max_diff(states[1], states[2])
-    ulp = torch.finfo(torch.float32).eps * max(float(v.abs().max()) for v in states[1].values())
-    print(f"1 vs 2 processes: {gap:.2e} (update {update:.2e}, ulp {ulp:.1e})")
-    assert gap <= max(1e-5 * update, 8 * ulp)
-    one, two = ([r for r in logs[n] if r.get("event") == "rebuild"] for n in (1, 2))
+    rebuilds, _ = one_and_two_processes(tiny, tmp_path, 2, both_keys())
+    one, two = rebuilds[1], rebuilds[2]
     assert [r["world_size"] for r in two] == [2, 2] and all(r["rank_spread"] == 0.0 for r in two)
     for a, b in zip(one, two):  # the same tokens read, the same null dimensions and span rank
         same = [k for k in a if k.startswith(("null_dim/", "tokens/", "null_input_tokens/")) or k == "rank"]

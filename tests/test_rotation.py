@@ -26,6 +26,7 @@ from helpers import (
     mean_nll_gradient,
     ogpsa_keys,
     ogpsa_log,
+    one_and_two_processes,
     run_cli,
     tokenized_references,
 )
@@ -191,21 +192,8 @@ def test_rotation_through_the_cli_and_a_resume_mid_rotation(tiny, tmp_path, trai
 def test_two_processes_match_one(tiny, tmp_path):
     """DDP (gloo), the same global batch: each rotated rebuild's share is split over the ranks and its
     gradient summed, so 2 processes read the same tokens, keep the same basis and train the same weights."""
-    states, logs = {}, {}
-    for nproc in (1, 2):
-        out = tmp_path / f"rot_{nproc}"
-        cfg = base_config(tiny, out, per_device_train_batch_size=8 // nproc, max_samples=8, max_steps=3,
-                          optim="sgd", learning_rate=0.05, max_grad_norm=0.0, **rotation_keys())
-        if nproc == 2:
-            cfg["ddp_backend"] = "gloo"
-        run_cli(cfg, tmp_path / f"run_{nproc}", env=TORCHRUN if nproc == 2 else None)
-        states[nproc], logs[nproc] = load_state(out), ogpsa_log(out)
-    update = max_diff(states[1], load_state(tiny["model"]))
-    gap = max_diff(states[1], states[2])
-    ulp = torch.finfo(torch.float32).eps * max(float(v.abs().max()) for v in states[1].values())
-    print(f"1 vs 2 processes: {gap:.2e} (update {update:.2e}, ulp {ulp:.1e})")
-    assert gap <= max(1e-5 * update, 8 * ulp)
-    one, two = ([r for r in logs[n] if r.get("event") == "rebuild"] for n in (1, 2))
+    rebuilds, _ = one_and_two_processes(tiny, tmp_path, 3, rotation_keys())
+    one, two = rebuilds[1], rebuilds[2]
     assert [r["shares_read"] for r in two] == [[0, 1], [0], [1]]
     assert all(r["world_size"] == 2 and r["rank_spread"] == 0.0 for r in two)
     for a, b in zip(one, two):
